@@ -1,0 +1,34 @@
+# flowprobe: `make demo` runs the main job, `make test` runs the test suite.
+# Both create .venv if missing and install the pinned CPU build of PyTorch before the package.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.flowprobe-installed
+TORCH_PIN := torch==2.13.0
+OUT    ?= demo-out
+
+.PHONY: install demo test lint slow bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e ".[test,data]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/flowprobe demo --out $(OUT)
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks examples
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache .hypothesis

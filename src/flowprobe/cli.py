@@ -1,0 +1,58 @@
+"""The ``flowprobe`` command line.
+
+Sub-commands live in their own modules; each provides ``add_commands(subparsers)`` and sets
+``func`` on its parsers. Errors a user can fix (bad specs, shapes, files) are printed as one line
+and exit with status 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from flowprobe.layers.base import InverseNotAvailable
+
+__all__ = ["CliError", "main"]
+
+# Modules that contribute sub-commands (each defines ``add_commands``).
+COMMAND_MODULES = ("flowprobe.demo",)
+
+
+class CliError(Exception):
+    """A problem with the user's input, reported as one line with exit status 2."""
+
+
+USER_ERRORS = (CliError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError, InverseNotAvailable)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="flowprobe",
+        description="Residual normalizing flows with exact likelihood, and what they can express.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"flowprobe {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flowprobe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Input validation shared by layers, flows and distributions.
+
+Validation is on by default. It can be switched off globally (``flowprobe.set_validation(False)``)
+or for a block (``with flowprobe.validation(False): ...``) once inputs are known to be clean, e.g.
+inside a training loop whose data were checked once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_points", "set_validation", "validation", "validation_enabled"]
+
+_ENABLED = True
+
+
+def set_validation(enabled: bool) -> None:
+    """Switch input validation on or off globally."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def validation_enabled() -> bool:
+    """Whether input validation is currently on."""
+    return _ENABLED
+
+
+@contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """Context manager that sets validation on or off for a block."""
+    previous = _ENABLED
+    set_validation(enabled)
+    try:
+        yield
+    finally:
+        set_validation(previous)
+
+
+def check_points(x: object, dim: int, name: str = "input") -> Tensor:
+    """Check that ``x`` is a finite, non-empty float tensor of shape ``(N, dim)``.
+
+    Args:
+        x: The value to check.
+        dim: The expected event dimension.
+        name: What the value is, for the message.
+
+    Returns:
+        ``x`` unchanged.
+
+    Raises:
+        ValueError: with a one-line message naming the problem and the expected shape.
+    """
+    if not _ENABLED:
+        return x  # type: ignore[return-value]
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (N, {dim}), got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (N, {dim}), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch; expected shape (N, {dim}) with N >= 1")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        rows = (~finite.all(dim=1)).nonzero().flatten()
+        kind = "NaN" if bool(torch.isnan(x).any()) else "inf"
+        raise ValueError(f"{name} contains {kind} values in {rows.numel()} row(s), first at row {int(rows[0])}")
+    return x
