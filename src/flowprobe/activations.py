@@ -51,6 +51,12 @@ def _leaky_slope(t: Tensor, left: float) -> Tensor:
     return torch.where(t > 0, torch.ones_like(t), torch.full_like(t, left))
 
 
+def _softplus(t: Tensor) -> Tensor:
+    # Exact log(1 + e^t): torch's F.softplus returns t above a threshold, whose derivative (1)
+    # would then disagree with h' = sigmoid(t) by up to e^-20 in the log-det.
+    return torch.logaddexp(t, torch.zeros_like(t))
+
+
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
@@ -62,7 +68,7 @@ ACTIVATIONS: dict[str, Activation] = {
             0.25,
         ),
         Activation("arctan", torch.atan, lambda t: 1 / (1 + t * t), 1.0),
-        Activation("softplus", F.softplus, torch.sigmoid, 1.0),
+        Activation("softplus", _softplus, torch.sigmoid, 1.0),
         Activation("elu", F.elu, lambda t: torch.where(t > 0, torch.ones_like(t), torch.exp(t.clamp_max(0))), 1.0),
         Activation("identity", lambda t: t, torch.ones_like, 1.0, (1.0, 1.0)),
         Activation("relu", torch.relu, lambda t: _leaky_slope(t, 0.0), 1.0, (0.0, 1.0)),

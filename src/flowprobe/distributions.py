@@ -85,7 +85,8 @@ class DiagonalNormal(Density):
         loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
         super().__init__(loc.numel())
         if loc.dim() != 1 or scale.shape != loc.shape:
-            raise ValueError(f"loc and scale must be vectors of one shape, got {tuple(loc.shape)} and {tuple(scale.shape)}")
+            shapes = f"{tuple(loc.shape)} and {tuple(scale.shape)}"
+            raise ValueError(f"loc and scale must be vectors of one shape, got {shapes}")
         if not bool((scale > 0).all()):
             raise ValueError("scale must be positive")
         dtype = loc.dtype if loc.is_floating_point() else torch.get_default_dtype()
@@ -128,7 +129,8 @@ class GaussianMixture(Density):
         elif cov.shape == (k, dim):
             cov = torch.diag_embed(cov)
         elif cov.shape != (k, dim, dim):
-            raise ValueError(f"covariances must have shape ({k},), ({k}, {dim}) or ({k}, {dim}, {dim}), got {tuple(cov.shape)}")
+            expected = f"({k},), ({k}, {dim}) or ({k}, {dim}, {dim})"
+            raise ValueError(f"covariances must have shape {expected}, got {tuple(cov.shape)}")
         chol, info = torch.linalg.cholesky_ex(cov)
         if bool((info != 0).any()):
             raise ValueError("every covariance matrix must be symmetric positive definite")

@@ -29,7 +29,7 @@ __all__ = ["FlowLayer", "InverseNotAvailable", "Invertibility", "RawParams"]
 RawParams = Mapping[str, Tensor]
 
 
-class InverseNotAvailable(NotImplementedError):
+class InverseNotAvailable(NotImplementedError):  # noqa: N818 (nflows' name)
     """Raised when a layer cannot be inverted with its current parameters."""
 
 

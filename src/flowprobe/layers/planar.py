@@ -75,10 +75,11 @@ class Planar(FlowLayer):
     def constrain(self, raw: dict[str, Tensor]) -> PlanarParams:
         u, w, b = raw["u"], raw["w"], raw["b"]
         wu = inner(w, u)
-        target = self._wu_hat(wu)
         w_sq = inner(w, w).clamp_min(torch.finfo(w.dtype).tiny)
-        u_hat = u + ((target - wu) / w_sq).unsqueeze(-1) * w
-        return PlanarParams(u_hat, w, b, target)
+        # û = u⊥ + m(wᵀu) w/‖w‖², written so that no large terms cancel; wᵀû equals m(wᵀu) up to
+        # one rounding, and the formula uses the value it actually sees (w = 0 gives 0).
+        u_hat = u - (wu / w_sq).unsqueeze(-1) * w + (self._wu_hat(wu) / w_sq).unsqueeze(-1) * w
+        return PlanarParams(u_hat, w, b, inner(w, u_hat))
 
     def transform(self, z: Tensor, p: PlanarParams) -> tuple[Tensor, Tensor]:
         pre = inner(z, p.w) + p.b

@@ -46,19 +46,21 @@ def _solve_newton(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Ac
     a, b = y - excess / slope_lo, y - excess / slope_hi
     lo, hi = torch.minimum(a, b), torch.maximum(a, b)
     v = y - excess / (0.5 * (slope_lo + slope_hi))
+    last_step = hi - lo
     tiny = torch.finfo(y.dtype).eps
-    for _ in range(MAX_ITERATIONS):
+    for _ in range(MAX_ITERATIONS):  # rtsafe: Newton, bisection when Newton leaves or stalls
         pre = beta * v + gamma
         residual = v + alpha * act.fn(pre) - y
+        slope = 1 + alpha * beta * act.derivative(pre)
         lo = torch.where(residual < 0, v, lo)
         hi = torch.where(residual > 0, v, hi)
-        newton = v - residual / (1 + alpha * beta * act.derivative(pre))
-        inside = (newton > lo) & (newton < hi)
-        new_v = torch.where(inside, newton, 0.5 * (lo + hi))
+        newton = v - residual / slope
+        bisect = (newton <= lo) | (newton >= hi) | (2 * residual.abs() > (last_step * slope).abs())
+        new_v = torch.where(bisect, 0.5 * (lo + hi), newton)
         new_v = torch.where(residual == 0, v, new_v)
-        step = (new_v - v).abs()
+        last_step = (new_v - v).abs()
         v = new_v
-        if not bool((step > 4 * tiny * (1 + v.abs())).any()):
+        if not bool((last_step > 2 * tiny * (1 + v.abs())).any()):
             break
     return v
 

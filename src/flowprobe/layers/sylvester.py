@@ -156,7 +156,8 @@ class Sylvester(FlowLayer):
     def invertibility(self) -> Invertibility:
         product = self._diag_product(self.constrained()).detach()
         margin = float(torch.clamp(1 + product * self.act.sup_derivative, max=1.0).min())
-        return Invertibility(margin > 0, margin, f"1 + R_ii·R̃_ii·sup h' > 0 for all i (sup h' = {self.act.sup_derivative:g})")
+        condition = f"1 + R_ii·R̃_ii·sup h' > 0 for all i (sup h' = {self.act.sup_derivative:g})"
+        return Invertibility(margin > 0, margin, condition)
 
     def extra_repr(self) -> str:
         flip = ", flip=True" if self.flip else ""
