@@ -21,12 +21,12 @@ LOG_2PI = math.log(2 * math.pi)
 class Density(nn.Module):
     """A density on ``R^dim`` with ``log_prob``, ``sample`` and ``rsample``."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self.dim = dim
-        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        self.register_buffer("_anchor", torch.zeros((), dtype=dtype), persistent=False)
 
     @property
     def anchor(self) -> Tensor:
@@ -83,13 +83,13 @@ class DiagonalNormal(Density):
 
     def __init__(self, loc: Tensor, scale: Tensor, trainable: bool = False) -> None:
         loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
-        super().__init__(loc.numel())
+        dtype = loc.dtype if loc.is_floating_point() else torch.get_default_dtype()
+        super().__init__(loc.numel(), dtype)
         if loc.dim() != 1 or scale.shape != loc.shape:
             shapes = f"{tuple(loc.shape)} and {tuple(scale.shape)}"
             raise ValueError(f"loc and scale must be vectors of one shape, got {shapes}")
         if not bool((scale > 0).all()):
             raise ValueError("scale must be positive")
-        dtype = loc.dtype if loc.is_floating_point() else torch.get_default_dtype()
         loc, log_scale = loc.to(dtype), scale.to(dtype).log()
         if trainable:
             self.loc, self.log_scale = nn.Parameter(loc), nn.Parameter(log_scale)
@@ -122,7 +122,7 @@ class GaussianMixture(Density):
         if means.dim() != 2:
             raise ValueError(f"means must have shape (K, dim), got {tuple(means.shape)}")
         k, dim = means.shape
-        super().__init__(dim)
+        super().__init__(dim, dtype)
         cov = torch.as_tensor(covariances, dtype=dtype)
         if cov.shape == (k,):
             cov = torch.diag_embed(cov.unsqueeze(-1).expand(k, dim))

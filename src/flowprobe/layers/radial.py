@@ -95,7 +95,7 @@ class Radial(FlowLayer):
     def invertibility(self) -> Invertibility:
         p = self.constrained()
         margin = float(torch.clamp(1 + p.beta / p.alpha, max=1.0).detach())
-        return Invertibility(margin > 0 and float(p.alpha) > 0, margin, "α > 0 and 1 + β/α > 0 (β > −α)")
+        return Invertibility(margin > 0 and float(p.alpha.detach()) > 0, margin, "α > 0 and 1 + β/α > 0 (β > −α)")
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, min_slope={self.min_slope:g}"

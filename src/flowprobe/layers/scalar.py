@@ -44,23 +44,27 @@ def _solve_newton(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Ac
     slope_hi = torch.clamp(1 + ab_max, min=1.0)
     excess = alpha * act.fn(beta * y + gamma)  # g(y) - y
     a, b = y - excess / slope_lo, y - excess / slope_hi
-    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    eps = torch.finfo(y.dtype).eps
+    rounding = 4 * eps * (1 + y.abs() + excess.abs() / slope_lo)  # keep the root inside despite rounding
+    lo, hi = torch.minimum(a, b) - rounding, torch.maximum(a, b) + rounding
     v = y - excess / (0.5 * (slope_lo + slope_hi))
-    last_step = hi - lo
-    tiny = torch.finfo(y.dtype).eps
-    for _ in range(MAX_ITERATIONS):  # rtsafe: Newton, bisection when Newton leaves or stalls
+    step = step_before = hi - lo
+    done = torch.zeros_like(v, dtype=torch.bool)
+    for _ in range(MAX_ITERATIONS):  # rtsafe: Newton; bisection if it leaves the bracket or stalls
         pre = beta * v + gamma
         residual = v + alpha * act.fn(pre) - y
         slope = 1 + alpha * beta * act.derivative(pre)
         lo = torch.where(residual < 0, v, lo)
         hi = torch.where(residual > 0, v, hi)
         newton = v - residual / slope
-        bisect = (newton <= lo) | (newton >= hi) | (2 * residual.abs() > (last_step * slope).abs())
-        new_v = torch.where(bisect, 0.5 * (lo + hi), newton)
-        new_v = torch.where(residual == 0, v, new_v)
-        last_step = (new_v - v).abs()
-        v = new_v
-        if not bool((last_step > 2 * tiny * (1 + v.abs())).any()):
+        converged = (newton - v).abs() <= 2 * eps * (1 + v.abs())
+        outside = (newton <= lo) | (newton >= hi)
+        stalled = 2 * (newton - v).abs() > step_before
+        bisect = ~converged & (outside | stalled)
+        new_v = torch.where(done, v, torch.where(bisect, 0.5 * (lo + hi), newton))
+        step_before, step = step, (new_v - v).abs()
+        v, done = new_v, done | converged
+        if bool(done.all()):
             break
     return v
 

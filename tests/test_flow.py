@@ -1,0 +1,167 @@
+import math
+
+import pytest
+import torch
+from torch.distributions import AffineTransform, TransformedDistribution
+
+import flowprobe as fp
+
+
+def mixed_stack(dim: int, depth: int = 32, scale: float = 2.0) -> fp.Flow:
+    torch.manual_seed(1)
+    families = [
+        lambda: fp.Planar(dim, "tanh"),
+        lambda: fp.Radial(dim),
+        lambda: fp.Sylvester(dim, kind="orthogonal", activation="softplus"),
+        lambda: fp.Planar(dim, "leaky_relu"),
+        lambda: fp.Sylvester(dim, kind="triangular", activation="relu"),
+        lambda: fp.Householder(dim, reflections=2),
+        lambda: fp.Planar(dim, "sigmoid"),
+        lambda: fp.Sylvester(dim, kind="householder", activation="elu"),
+    ]
+    flow = fp.Flow(fp.StandardNormal(dim), [families[i % len(families)]() for i in range(depth)]).double()
+    with torch.no_grad():
+        for layer in flow.layers:
+            if isinstance(layer, fp.Planar):
+                layer.u.mul_(scale)
+                layer.b.normal_()
+    return flow
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_density_of_a_32_layer_mixed_stack_integrates_to_one(dim):
+    """Riemann sum over a box that holds the samples with a margin (the density is continuous
+    except along the kinks of the piecewise-linear layers)."""
+    flow = mixed_stack(dim, scale=0.5)
+    with torch.no_grad():
+        x = flow.sample(100000)
+        lo, hi = x.min(0).values - 1.5, x.max(0).values + 1.5
+        n = 100001 if dim == 1 else 801
+        axes = [torch.linspace(float(a), float(b), n, dtype=torch.float64) for a, b in zip(lo, hi)]
+        pts = axes[0].unsqueeze(-1) if dim == 1 else torch.cartesian_prod(*axes)
+        density = flow.log_prob(pts).exp()
+    cell = torch.tensor([float(a[1] - a[0]) for a in axes]).prod()
+    assert abs(float(density.sum() * cell) - 1) < 1e-3
+
+
+def test_log_prob_of_samples_matches_the_forward_log_prob():
+    flow = mixed_stack(3, depth=16)
+    x, log_p = flow.rsample_and_log_prob(500)
+    assert (flow.log_prob(x) - log_p).abs().max() < 1e-8
+
+
+def test_inverse_undoes_forward_through_the_whole_stack():
+    flow = mixed_stack(2)
+    z = torch.randn(300, 2, dtype=torch.float64)
+    x, logdet = flow(z)
+    z_back, logdet_inv = flow.inverse(x)
+    assert (z_back - z).abs().max() < 1e-8 and (logdet + logdet_inv).abs().max() < 1e-8
+
+
+def test_stages_trace_every_layer():
+    flow = mixed_stack(2, depth=5)
+    z = torch.randn(10, 2, dtype=torch.float64)
+    stages = flow.stages(z)
+    assert len(stages) == 6 and torch.equal(stages[0], z)
+    assert (stages[-1] - flow(z)[0]).abs().max() < 1e-14
+    assert (stages[2] - flow.layers[1](flow.layers[0](z)[0])[0]).abs().max() < 1e-14
+
+
+def test_samples_follow_the_module_dtype_and_the_seed():
+    flow = mixed_stack(2, depth=3)
+    torch.manual_seed(5)
+    a = flow.sample(7)
+    torch.manual_seed(5)
+    b = flow.sample(7)
+    assert a.dtype == torch.float64 and a.shape == (7, 2) and torch.equal(a, b) and not a.requires_grad
+    assert flow.rsample(3).requires_grad
+
+
+def test_per_layer_batched_parameters_through_the_flow():
+    flow = mixed_stack(2, depth=4)
+    z = torch.randn(6, 2, dtype=torch.float64)
+    params = [None, flow.layers[1].unflatten(torch.randn(6, flow.layers[1].raw_numel, dtype=torch.float64)), None, None]
+    x, logdet = flow(z, params=params)
+    z_back, logdet_inv = flow.inverse(x, params=params)
+    assert (z_back - z).abs().max() < 1e-10 and (logdet + logdet_inv).abs().max() < 1e-10
+    with pytest.raises(ValueError, match="one entry per layer"):
+        flow(z, params=[None])
+
+
+def test_gradients_of_log_prob_reach_every_parameter():
+    flow = mixed_stack(2, depth=8)
+    x = flow.sample(64)
+    flow.log_prob(x).mean().backward()
+    for name, p in flow.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_as_distribution_agrees_with_the_flow():
+    flow = mixed_stack(2, depth=6)
+    dist = flow.as_distribution()
+    assert isinstance(dist, TransformedDistribution)
+    x = flow.sample(12)
+    assert (dist.log_prob(x) - flow.log_prob(x)).abs().max() < 1e-10
+    batch = x.reshape(3, 4, 2)
+    assert dist.log_prob(batch).shape == (3, 4)
+    assert (dist.log_prob(batch).reshape(-1) - flow.log_prob(x)).abs().max() < 1e-10
+    assert dist.sample((4, 5)).shape == (4, 5, 2) and dist.rsample((4, 5)).requires_grad
+    assert dist.sample().shape == (2,)
+    torch.manual_seed(3)
+    y = dist.rsample((8,))
+    torch.manual_seed(3)
+    assert (y - flow.rsample(8)).abs().max() < 1e-12
+    # the cached forward log-det is used for samples it produced
+    assert (dist.log_prob(y) - flow.log_prob(y)).abs().max() < 1e-8
+
+
+def test_as_distribution_inside_another_transformed_distribution():
+    flow = mixed_stack(2, depth=4)
+    loc, scale = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([2.0, 0.5], dtype=torch.float64)
+    outer = TransformedDistribution(flow.as_distribution(), [AffineTransform(loc, scale, event_dim=1)])
+    y = outer.sample((3, 2))
+    assert y.shape == (3, 2, 2)
+    expected = flow.log_prob(((y - loc) / scale).reshape(-1, 2)).reshape(3, 2) - torch.log(scale).sum()
+    assert (outer.log_prob(y) - expected).abs().max() < 1e-10
+
+
+def test_layer_dimensions_must_match_the_base():
+    with pytest.raises(ValueError, match="layer 1 .* has dim 3, base has dim 2"):
+        fp.Flow(fp.StandardNormal(2), [fp.Planar(2), fp.Planar(3)])
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.randn(5, 3), r"must have shape \(N, 2\), got \(5, 3\)"),
+        (torch.randn(2), r"must have shape \(N, 2\), got \(2,\)"),
+        (torch.randn(0, 2), "empty batch"),
+        (torch.tensor([[0.0, math.nan]]), "NaN"),
+        (torch.tensor([[math.inf, 0.0]]), "inf"),
+        (torch.ones(3, 2, dtype=torch.long), "floating-point"),
+        ([[0.0, 1.0]], "must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs_get_a_one_line_error_naming_the_problem(bad, message):
+    flow = fp.Flow(fp.StandardNormal(2), [fp.Planar(2), fp.Radial(2)])
+    for call in (flow.log_prob, flow.forward, flow.inverse, flow.layers[0].forward, flow.base.log_prob):
+        with pytest.raises(ValueError, match=message) as err:
+            call(bad)
+        assert "\n" not in str(err.value)
+
+
+def test_validation_can_be_switched_off_for_hot_loops():
+    layer = fp.Planar(2)
+    with fp.validation(False):
+        x, _ = layer(torch.tensor([[0.0, math.nan]]))  # no check: NaN propagates
+    assert torch.isnan(x).any()
+    with pytest.raises(ValueError):
+        layer(torch.tensor([[0.0, math.nan]]))
+
+
+def test_readme_quick_start_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    code = text.split("## Quick start")[1].split("```python")[1].split("```")[0]
+    exec(compile(code, "README quick start", "exec"), {})
