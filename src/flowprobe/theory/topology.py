@@ -42,13 +42,16 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple, Protocol
 
 import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from scipy.stats import chi2
 from torch import Tensor
 
 from flowprobe.activations import Activation
-from flowprobe.distributions import DiagonalNormal, StandardNormal
+from flowprobe.distributions import Density, DiagonalNormal, GaussianMixture, StandardNormal
 from flowprobe.flow import Flow
 from flowprobe.layers import FlowLayer, GeneralSylvester, Planar, Sylvester
+from flowprobe.plots import plt
 
 __all__ = [
     "Estimate",
@@ -608,3 +611,203 @@ def mode_images(
         )
         for i in range(modes.shape[0])
     ]
+
+
+# -- built-in pairs and the ReLU impossibility experiment -----------------------------------------
+
+
+def four_peak_mixture(dtype: torch.dtype = torch.float64) -> GaussianMixture:
+    """Equal-weight mixture of ``N(±1.2 e_i, 0.25 I)`` on ``R²`` (theory.md §2.3(c))."""
+    means = torch.tensor([[1.2, 0.0], [-1.2, 0.0], [0.0, 1.2], [0.0, -1.2]], dtype=dtype)
+    return GaussianMixture(means, torch.full((4,), 0.25, dtype=dtype)).to(dtype)  # .to: also the sampling anchor
+
+
+def bimodal_product(weight: float = 0.5, dtype: torch.dtype = torch.float64) -> GaussianMixture:
+    """``(w N(−1, 0.2) + (1−w) N(1, 0.2)) ⊗ (½ N(−1, 0.2) + ½ N(1, 0.2))``, a product density on ``R²``."""
+    means = torch.tensor([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]], dtype=dtype)
+    weights = torch.tensor([weight / 2, weight / 2, (1 - weight) / 2, (1 - weight) / 2], dtype=dtype)
+    return GaussianMixture(means, torch.full((4,), 0.2, dtype=dtype), weights).to(dtype)
+
+
+def relu_demo_flow(seed: int, layers: int = 3, source: Density | None = None) -> Flow:
+    """Random VdB ReLU Sylvester layers (``M = d = 2`` each) on ``source`` (default the 4-peak mixture)."""
+    torch.manual_seed(seed)
+    source = four_peak_mixture() if source is None else source
+    flow = Flow(source, [Sylvester(source.dim, activation="relu") for _ in range(layers)]).to(source.anchor.dtype)
+    with torch.no_grad():
+        for layer in flow.layers:
+            layer.b.normal_(0, 0.5)
+            layer.d1.normal_()
+            layer.d2.normal_()
+    return flow
+
+
+FORBIDDEN_PAIRS = {
+    "product": "N(0, I) → product of two bimodal marginals (a Gaussian's affine images are Gaussian)",
+    "mixture": "equal-weight 4-peak mixture → product with unequal weights 0.35/0.35/0.15/0.15 "
+    "(affine images keep the weights)",
+}
+
+
+def forbidden_pair(name: str) -> tuple[Density, Density]:
+    """``(q, p)`` on ``R²`` that no ReLU Sylvester flow maps exactly (see :data:`FORBIDDEN_PAIRS`)."""
+    if name == "product":
+        return StandardNormal(2).double(), bimodal_product()
+    if name == "mixture":
+        return four_peak_mixture(), bimodal_product(0.7)
+    raise ValueError(f"unknown pair {name!r}; expected one of: {', '.join(FORBIDDEN_PAIRS)}")
+
+
+def off_kink_points(flow: Flow, count: int, margin: float = 1e-6) -> Tensor:
+    """``count`` samples of the flow's source at distance ``> margin`` from every kink."""
+    z = flow.base.sample(2 * count)
+    _, distance = local_linear_map(flow, z)
+    z = z[distance > margin]
+    if z.shape[0] < count:
+        raise ValueError(f"only {z.shape[0]} of {2 * count} points lie off the kinks (margin {margin:g})")
+    return z[:count]
+
+
+@dataclass(frozen=True)
+class ImpossibilityRun:
+    """A ReLU Sylvester flow trained on a forbidden pair.
+
+    Attributes:
+        pair: Name in :data:`FORBIDDEN_PAIRS`.
+        layers: Number of layers.
+        seed: Seed.
+        steps: Training steps done at each checkpoint.
+        tv: MC estimate of ``TV(f#q, p)`` at each checkpoint.
+        residual_median: Median of ``‖Cᵀ∇log p(f(z)) − ∇log q(z)‖`` over off-kink points of ``q``.
+        residual_p90: Its 90th percentile.
+        exact_residual_max: The same residual for ``p := f#q`` (control, round-off).
+    """
+
+    pair: str
+    layers: int
+    seed: int
+    steps: list[int]
+    tv: list[Estimate]
+    residual_median: float
+    residual_p90: float
+    exact_residual_max: float
+
+
+def relu_impossibility(
+    pair: str,
+    layers: int,
+    seed: int,
+    steps: int = 2000,
+    checkpoints: int = 4,
+    lr: float = 1e-2,
+    batch: int = 512,
+    points: int = 1000,
+    samples: int = 100_000,
+) -> ImpossibilityRun:
+    """Fit a ReLU Sylvester flow to a forbidden pair (forward KL) and report what training cannot remove."""
+    source, target = forbidden_pair(pair)
+    flow = relu_demo_flow(seed, layers, source)
+    done, tvs = [], []
+    for k in range(checkpoints):
+        chunk = steps * (k + 1) // checkpoints - steps * k // checkpoints
+        fit_flow(flow, target, chunk, lr=lr, batch=batch, objective="forward")
+        done.append(steps * (k + 1) // checkpoints)
+        tvs.append(monte_carlo_divergences(flow, target, samples)["tv"])
+    z = off_kink_points(flow, points)
+    residual = pointwise_residual(flow, z, target=target)
+    return ImpossibilityRun(
+        pair,
+        layers,
+        seed,
+        done,
+        tvs,
+        float(residual.median()),
+        float(residual.quantile(0.9)),
+        float(pointwise_residual(flow, z).max()),
+    )
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+
+def _grid(lim: float, size: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    axis = torch.linspace(-lim, lim, size, dtype=like.dtype, device=like.device)
+    gx, gy = torch.meshgrid(axis, axis, indexing="xy")
+    return gx, gy, torch.stack([gx.flatten(), gy.flatten()], -1)
+
+
+def _heat(ax: Axes, grid: tuple[Tensor, Tensor, Tensor], values: Tensor, title: str, var: str,
+          cmap: str = "viridis") -> None:
+    gx, gy, _ = grid
+    image = ax.pcolormesh(gx.numpy(), gy.numpy(), values.reshape(gx.shape).numpy(), cmap=cmap, shading="auto")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title)
+    ax.set_xlabel(f"${var}_1$")
+    ax.set_ylabel(f"${var}_2$")
+    ax.set_aspect("equal")
+
+
+def ridge_rows() -> list[tuple[str, Density, tuple[list[float], list[float], float]]]:
+    """The four ``(q, planar (u, w, b))`` rows of the blog's "q, p, L" figure (our choices, tanh)."""
+    def mixture(means: list[list[float]], var: float) -> GaussianMixture:
+        m = torch.tensor(means, dtype=torch.float64)
+        return GaussianMixture(m, torch.full((m.shape[0],), var, dtype=torch.float64)).double()
+
+    return [
+        ("unimodal q", StandardNormal(2).double(), ([2.4, 1.2], [1.6, 0.8], 0.0)),
+        ("four peaks", four_peak_mixture(), ([-0.4, 1.6], [0.5, 2.0], 0.3)),
+        ("three peaks", mixture([[-1.3, -0.8], [1.3, -0.8], [0.0, 1.3]], 0.3), ([2.0, 0.0], [2.0, 0.4], -0.5)),
+        ("two peaks", mixture([[-1.2, 0.6], [1.2, -0.6]], 0.35), ([-0.45, 0.45], [1.0, -1.0], 0.0)),
+    ]
+
+
+def ridge_figure(size: int = 121) -> Figure:
+    """Rows of ``(q, p = f#q, L)`` for one tanh planar layer (``M = 1``): ``L`` is a ridge function.
+
+    The arrow shows ``w``; the contour lines of ``L`` are straight lines orthogonal to it.
+    """
+    rows = ridge_rows()
+    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 3.9 * len(rows)), squeeze=False)
+    for (name, source, (u, w, b)), row in zip(rows, axes, strict=True):
+        layer = Planar(2, "tanh").double()
+        layer.set_constrained(torch.tensor(u), torch.tensor(w), b)
+        flow = Flow(source, [layer])
+        gz = _grid(3, size, source.anchor)
+        gx = _grid(4, size, source.anchor)
+        with torch.no_grad():
+            _heat(row[0], gz, source.log_prob(gz[2]).exp(), f"q: {name}", "z")
+            _heat(row[1], gx, flow.log_prob(gx[2]).exp(), "p = f#q", "x")
+        ratio = log_ratio(flow, gz[2]).detach()
+        _heat(row[2], gz, ratio, "L = log p(f(z)) − log q(z)", "z", cmap="magma")
+        row[2].contour(gz[0].numpy(), gz[1].numpy(), ratio.reshape(gz[0].shape).numpy(), 12, colors="white",
+                       linewidths=0.6)
+        direction = torch.tensor(w) / torch.tensor(w).norm()
+        row[2].annotate("", xy=tuple((2 * direction).tolist()), xytext=(0, 0),
+                        arrowprops={"arrowstyle": "->", "color": "cyan", "lw": 2})
+        row[2].text(*(2.1 * direction).tolist(), "w", color="cyan")
+    fig.suptitle("M = 1 (one tanh planar layer): L depends on z only through wᵀz — a ridge function")
+    fig.tight_layout()
+    return fig
+
+
+def modes_figure(seeds: Sequence[int] = (0, 1), size: int = 161) -> Figure:
+    """The blog's red-point figure: modes ``z*`` of ``q`` (red) and their images ``f(z*)`` under random
+    ReLU Sylvester flows, which are modes of ``p = f#q`` (white crosses: modes of ``p`` found by
+    ascent started near the images)."""
+    fig, axes = plt.subplots(len(seeds), 2, figsize=(9, 4 * len(seeds)), squeeze=False)
+    for seed, row in zip(seeds, axes, strict=True):
+        flow = relu_demo_flow(seed)
+        modes = find_modes(flow.base, flow.base.means)
+        with torch.no_grad():
+            images, _ = flow(modes)
+        found = find_modes(flow, images + 0.05)
+        gz, gx = _grid(3, size, modes), _grid(4, size, modes)
+        with torch.no_grad():
+            _heat(row[0], gz, flow.base.log_prob(gz[2]).exp(), f"q (seed {seed}): modes z*", "z")
+            _heat(row[1], gx, flow.log_prob(gx[2]).exp(), "p = f#q: images f(z*)", "x")
+        row[0].scatter(modes[:, 0], modes[:, 1], c="red", s=40, edgecolors="white")
+        row[1].scatter(images[:, 0], images[:, 1], c="red", s=40, edgecolors="white")
+        row[1].scatter(found[:, 0], found[:, 1], c="white", marker="x", s=60)
+    fig.suptitle("ReLU Sylvester flows (3 layers): modes of q map to modes of p")
+    fig.tight_layout()
+    return fig
