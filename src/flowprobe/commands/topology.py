@@ -247,8 +247,8 @@ def _relu(args: argparse.Namespace) -> int:
 
 def _figures(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    paths = [str(save_figure(tp.ridge_figure(), out / "topology_ridge.png")),
-             str(save_figure(tp.modes_figure(), out / "topology_modes.png"))]
+    paths = [str(save_figure(tp.ridge_figure(args.grid), out / "topology_ridge.png")),
+             str(save_figure(tp.modes_figure(size=args.grid), out / "topology_modes.png"))]
     _emit(args, {"figures": paths}, [f"figure: {p}" for p in paths])
     return 0
 
@@ -296,4 +296,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     figs = add("figures", "write the ridge (M = 1) and red-point (ReLU modes) figures")
     figs.add_argument("--out", default="topology-out", help="output directory (default topology-out)")
+    figs.add_argument("--grid", type=_positive, default=161, help="grid points per axis (default 161)")
     figs.set_defaults(func=_figures)
