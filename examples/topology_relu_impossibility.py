@@ -32,7 +32,8 @@ def main():
         for layers in (int(v) for v in args.layers.split(",")):
             for seed in (int(v) for v in args.seeds.split(",")):
                 run = tp.relu_impossibility(pair, layers, seed, args.steps)
-                tvs = "; ".join(f"{s}: {e.value:.4f} ± {e.half_width:.4f}" for s, e in zip(run.steps, run.tv, strict=True))
+                checkpoints = zip(run.steps, run.tv, strict=True)
+                tvs = "; ".join(f"{s}: {e.value:.4f} ± {e.half_width:.4f}" for s, e in checkpoints)
                 print(f"| {pair} | {layers} ({2 * layers}) | {seed} | {tvs} | {run.residual_median:.3g} | "
                       f"{run.residual_p90:.3g} | {run.exact_residual_max:.1e} |", flush=True)
     for name, text in tp.FORBIDDEN_PAIRS.items():
