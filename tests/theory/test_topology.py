@@ -218,3 +218,23 @@ def test_relu_residual_is_large_for_a_forbidden_target():
     target = fp.GaussianMixture(means, torch.full((4,), 0.3, dtype=F64), torch.tensor([0.35, 0.35, 0.15, 0.15]))
     residual = tp.pointwise_residual(flow, flow.base.sample(300), target=target)
     assert float(residual.median()) > 0.1
+
+
+@pytest.mark.slow
+def test_isotropic_split_below_bound_never_beats_the_floor():
+    """Trained identity Sylvester flows, d = 3, σ = 1.5: M < 3 stalls at the floor, M ≥ 3 reaches p."""
+    runs = tp.isotropic_split_experiment(3, 1.5, [1, 2, 3, 6], [0], steps=800, samples=200_000)
+    for run in runs:
+        if run.neurons < 3:
+            assert run.above_floor and run.tv.value < run.tv_floor + 0.02
+        else:
+            assert run.tv_floor == 0 and run.tv.value < 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair", sorted(tp.FORBIDDEN_PAIRS))
+def test_relu_training_cannot_remove_the_residual_of_a_forbidden_pair(pair):
+    run = tp.relu_impossibility(pair, layers=4, seed=0, steps=1500, checkpoints=3, samples=50_000)
+    assert run.exact_residual_max < 1e-8
+    assert run.residual_median > 0.3
+    assert min(e.value - e.half_width for e in run.tv) > 0.05

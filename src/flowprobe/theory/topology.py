@@ -54,14 +54,19 @@ from flowprobe.layers import FlowLayer, GeneralSylvester, Planar, Sylvester
 from flowprobe.plots import plt
 
 __all__ = [
+    "FORBIDDEN_PAIRS",
     "Estimate",
     "GaussianNeuronBound",
     "GradientSet",
+    "ImpossibilityRun",
     "LogDensity",
     "ModeImage",
     "ResidualForm",
     "SplitRun",
+    "bimodal_product",
     "find_modes",
+    "forbidden_pair",
+    "four_peak_mixture",
     "fit_flow",
     "gaussian_neuron_bound",
     "gradient_set",
@@ -73,12 +78,18 @@ __all__ = [
     "log_ratio",
     "log_ratio_gradient",
     "mode_images",
+    "modes_figure",
     "monte_carlo_divergences",
     "neuron_count",
     "neuron_subspace",
     "numerical_rank",
+    "off_kink_points",
     "pointwise_residual",
+    "relu_demo_flow",
+    "relu_impossibility",
     "residual_form",
+    "ridge_figure",
+    "ridge_rows",
     "sylvester_stack",
 ]
 
@@ -268,10 +279,11 @@ def gaussian_neuron_bound(cov_q: Tensor, cov_p: Tensor) -> GaussianNeuronBound:
         ValueError: the covariances are not symmetric positive definite ``(d, d)`` matrices of one size.
     """
     cov_q, cov_p = torch.as_tensor(cov_q), torch.as_tensor(cov_p)
-    dim = cov_q.shape[-1]
+    dim = cov_q.shape[-1] if cov_q.dim() == 2 else 0
     for name, cov in (("cov_q", cov_q), ("cov_p", cov_p)):
-        if cov.shape != (dim, dim) or not torch.allclose(cov, cov.T) or torch.linalg.cholesky_ex(cov).info != 0:
-            raise ValueError(f"{name} must be a symmetric positive definite ({dim}, {dim}) matrix")
+        if not dim or cov.shape != (dim, dim) or not torch.allclose(cov, cov.T) or torch.linalg.cholesky_ex(cov).info:
+            size = f"({dim}, {dim})" if dim else "(d, d)"
+            raise ValueError(f"{name} must be a symmetric positive definite {size} matrix")
     prec_q, prec_p = torch.linalg.inv(cov_q), torch.linalg.inv(cov_p.to(cov_q))
     eig = torch.linalg.eigvalsh(prec_q - prec_p)
     scale = max(float(torch.linalg.eigvalsh(prec_q).max()), float(torch.linalg.eigvalsh(prec_p).max()))
@@ -284,7 +296,7 @@ def gaussian_neuron_bound(cov_q: Tensor, cov_p: Tensor) -> GaussianNeuronBound:
         f"total maps q exactly onto p (the quadratic form would have to vanish on span(B)^⊥, of dimension "
         f"≥ {dim} − M)."
         if bound
-        else "Σ_q = Σ_p: the covariance test rules out nothing (a pure shift needs no curvature change)."
+        else "Σ_q = Σ_p: this covariance test rules out no neuron count."
     )
     return GaussianNeuronBound(positive, negative, bound, eig.tolist(), statement)
 
@@ -369,7 +381,7 @@ def fit_flow(
     objective: str = "reverse",
     sampler: Callable[[int], Tensor] | None = None,
 ) -> list[float]:
-    """Adam on a KL objective (interim helper, to be replaced by ``flowprobe.fit``).
+    """Adam with a cosine learning-rate decay on a KL objective (interim helper for ``flowprobe.fit``).
 
     Args:
         flow: The model; its parameters are trained in place.
@@ -388,6 +400,7 @@ def fit_flow(
         raise ValueError(f"unknown objective {objective!r}; expected one of: {', '.join(OBJECTIVES)}")
     draw = sampler or target.sample  # type: ignore[attr-defined]
     optimiser = torch.optim.Adam(flow.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
     losses = []
     for _ in range(steps):
         if objective == "reverse":
@@ -398,6 +411,7 @@ def fit_flow(
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        schedule.step()
         losses.append(float(loss.detach()))
     return losses
 
