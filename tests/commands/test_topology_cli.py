@@ -78,6 +78,12 @@ def test_relu_condition(capsys):
     assert len(result["modes"]) == 4 and all(m["is_mode"] for m in result["modes"])
 
 
+def test_relu_fit_reports_residual_and_tv(capsys):
+    run = run_json(capsys, "relu", "--fit", "mixture", "--layers", "1", "--steps", "8")
+    assert run["steps"] == [2, 4, 6, 8] and len(run["tv"]) == 4
+    assert run["exact_residual_max"] < 1e-8 < run["residual_median"]
+
+
 def test_figures(capsys, tmp_path):
     result = run_json(capsys, "figures", "--out", str(tmp_path), "--grid", "25")
     assert [p.rsplit("/", 1)[1] for p in result["figures"]] == ["topology_ridge.png", "topology_modes.png"]
