@@ -53,6 +53,15 @@ def test_tv_decreases_along_the_depth_grid(name):
     assert tv[-1] < 0.025
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUILTIN_TARGETS)
+def test_tv_decreases_along_the_full_depth_grid_with_default_rules(name):
+    study = convergence_study(name, grid=(4, 10, 25, 50, 100, 300, 1000))
+    tv = [r["tv"] for r in study["results"]]
+    assert all(np.diff(tv) < 0), tv
+    assert -1.2 < study["slope"] < -0.9
+
+
 @pytest.mark.parametrize(("name", "n"), [("blog-mixture", 300), ("exponential", 50), ("cauchy", 50), ("beta", 50)])
 def test_piece_masses_equal_target_masses(name, n):
     built = construct(name, n, tail="height")

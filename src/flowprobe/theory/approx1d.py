@@ -290,7 +290,7 @@ def _standardised_positions(target: Target1D, t: np.ndarray) -> np.ndarray:
 
 def _cdf_crossing(target: Target1D, loc: float, scale: float) -> float | None:
     """The crossing of ``Φ((x − loc)/scale)`` and ``P`` nearest the target median, if any."""
-    u = np.linspace(1e-6, 1 - 1e-6, 4001)
+    u = np.linspace(1e-6, 1 - 1e-6, 1001)
     x = np.unique(target.ppf(u))
 
     def gap(t: np.ndarray) -> np.ndarray:

@@ -152,7 +152,7 @@ def from_log_density(log_density: Callable, name: str) -> Target1D:
         raise ValueError(f"target {name!r} has zero mass (its log-density is -inf at every probe point)")
     alive = np.flatnonzero(log_probe > top - 60)
     lo, hi = probe[max(alive[0] - 1, 0)], probe[min(alive[-1] + 1, probe.size - 1)]
-    nodes = np.unique(np.concatenate([np.linspace(lo, hi, 2001), probe[(probe > lo) & (probe < hi)]]))
+    nodes = np.unique(np.concatenate([np.linspace(lo, hi, 1001), probe[(probe > lo) & (probe < hi)]]))
     shift = top
 
     def density(t: float) -> float:
