@@ -12,6 +12,15 @@ from flowprobe.theory.targets1d import BUILTIN_TARGETS, parse_target
 from flowprobe.theory.tv import tv_quadrature
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: extra intra-op threads only contend on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def blog():
     return {n: construct("blog-mixture", n) for n in (50, 300)}
