@@ -54,5 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m flowprobe.cli`: run the imported module so error classes match
+    from flowprobe.cli import main as _main
+
+    sys.exit(_main())
