@@ -322,7 +322,8 @@ def rows() -> list[Row]:
     ]
     for d in (2, 64):
         for family in ("planar-tanh", "radial"):
-            for kind, what in (("log_prob", "log_prob"), ("sample", "sample"), ("sample_log_prob", "sample + log-density")):
+            kinds = (("log_prob", "log_prob"), ("sample", "sample"), ("sample_log_prob", "sample + log-density"))
+            for kind, what in kinds:
                 out.append(Row(f"c-{family}-{d}:{kind}", f"(c) {what}, {family} K=16 d={d}", "points/s", BATCH_EVAL,
                                family, 16, d))
     for family in ("sylvester-O", "sylvester-H", "sylvester-T", "householder"):
