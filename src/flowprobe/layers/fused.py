@@ -260,15 +260,18 @@ def _tanh_newton(c: Tensor, alpha: float, steps: int) -> tuple[Tensor, Tensor]:
     there the worst case over ``α ∈ [−0.95, 6]``, ``|s| ≤ 12`` is below ``1e-11`` after 5 and at
     rounding after 6 iterations. Returns the root and the size of the last step (the check).
     """
-    one_plus = 1.0 + alpha
+    one_plus = c.new_tensor(1.0 + alpha)
     s = torch.add(c, torch.clamp(c / one_plus, -1.0, 1.0), alpha=-alpha)
     step = s
-    for _ in range(steps):
+    for j in range(steps):
         t = torch.tanh(s)
         residual = torch.add(s, t, alpha=alpha).sub_(c)
-        slope = torch.mul(t, t).mul_(-alpha).add_(one_plus)
-        step = residual.div_(slope)
-        s = s.sub_(step) if s is not c else s - step
+        slope = torch.addcmul(one_plus, t, t, value=-alpha)  # 1 + α(1 − t²)
+        if j + 1 < steps:
+            s.addcdiv_(residual, slope, value=-1)
+        else:
+            step = residual.div_(slope)
+            s.sub_(step)
     return s, step
 
 
@@ -345,18 +348,25 @@ def _sylvester_params(stack: LayerStack, start: int, stop: int) -> SylvesterPara
     return p
 
 
+def _log_slopes(act: Activation, pre: Tensor, h: Tensor, diag: Tensor) -> Tensor:
+    """``Σ_i log(1 + h'(pre_i) diag_i)`` over the last axis; for tanh ``h' = 1 − h²`` reuses ``h``."""
+    if act.name == "tanh":
+        return torch.log(torch.addcmul(1 + diag, h, h * -diag)).sum(-1)
+    return torch.log1p(act.derivative(pre) * diag).sum(-1)
+
+
 def _sylvester_forward(stack: LayerStack, z: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     layer: Sylvester = stack.template  # type: ignore[assignment]
     p = _sylvester_params(stack, start, stop)
     into_hidden = p.q @ p.r_tilde.transpose(-1, -2)  # (K, d, m): pre = z Q R̃ᵀ + b
     out_of_hidden = (p.q @ p.r).transpose(-1, -2)  # (K, m, d): x = z + h (QR)ᵀ
-    pres = []
+    diag = torch.diagonal(p.r, dim1=-2, dim2=-1) * torch.diagonal(p.r_tilde, dim1=-2, dim2=-1)
+    logdet = z.new_zeros(z.shape[0])
     for i in range(stop - start):
         pre = torch.addmm(p.b[i], z, into_hidden[i])
-        z = torch.addmm(z, layer.act.fn(pre), out_of_hidden[i])
-        pres.append(pre)
-    diag = torch.diagonal(p.r, dim1=-2, dim2=-1) * torch.diagonal(p.r_tilde, dim1=-2, dim2=-1)
-    logdet = torch.log1p(layer.act.derivative(torch.stack(pres)) * diag.unsqueeze(1)).sum((0, 2))
+        h = layer.act.fn(pre)
+        z = torch.addmm(z, h, out_of_hidden[i])
+        logdet = logdet + _log_slopes(layer.act, pre, h, diag[i])
     return z, logdet
 
 
