@@ -238,18 +238,15 @@ class _PlanarRun(torch.autograd.Function):
             )
         slope = slope.detach()
         d_pre = torch.empty_like(pre)
-        grad_out = torch.empty_like(inputs)  # grad_out[i] = ∂L/∂(output of layer i)
-        grad_out[k - 1] = grad_x
+        grad_u, grad_w = torch.empty_like(u), torch.empty_like(w)
         us, ws = u.unbind(0), w.unbind(0)
-        grad_z = grad_x
+        g = grad_x  # ∂L/∂(output of layer i); no (K, N, d) buffer, so the peak stays at the saved tensors
         for i in range(k - 1, -1, -1):
-            torch.addcmul(d_pre_logdet[i], slope[i], torch.mv(grad_out[i], us[i]), out=d_pre[i])
-            if i > 0:
-                torch.addr(grad_out[i], d_pre[i], ws[i], out=grad_out[i - 1])
-            else:
-                grad_z = torch.addr(grad_out[0], d_pre[0], ws[0])
-        grad_u = torch.bmm(hidden.unsqueeze(1), grad_out).squeeze(1)
-        grad_w = torch.bmm(d_pre.unsqueeze(1), inputs).squeeze(1)
+            torch.addcmul(d_pre_logdet[i], slope[i], torch.mv(g, us[i]), out=d_pre[i])
+            torch.mv(g.t(), hidden[i], out=grad_u[i])
+            torch.mv(inputs[i].t(), d_pre[i], out=grad_w[i])
+            g = torch.addr(g, d_pre[i], ws[i])
+        grad_z = g
         return grad_z, grad_u, grad_w, d_pre.sum(1), grad_wu, None
 
 
