@@ -250,6 +250,35 @@ class _PlanarRun(torch.autograd.Function):
         return grad_z, grad_u, grad_w, d_pre.sum(1), grad_wu, None
 
 
+def _needs_grad(points: Tensor, params: Any) -> bool:
+    return torch.is_grad_enabled() and (points.requires_grad or any(t.requires_grad for t in params))
+
+
+def _planar_forward_eval(z: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, Tensor]:
+    """Planar run without autograd: updates one buffer in place, keeps only the pre-activations."""
+    x = z.clone()
+    pre = z.new_empty(p.u.shape[0], z.shape[0])
+    for i, (u, w, b) in enumerate(zip(p.u.unbind(0), p.w.unbind(0), p.b.unbind(0), strict=True)):
+        torch.addmv(b, x, w, out=pre[i])
+        x.addr_(act.fn(pre[i]), u)
+    return x, torch.log1p(p.wu.unsqueeze(-1) * act.derivative(pre)).sum(0)
+
+
+def _radial_forward_eval(z: Tensor, layer: Radial, p: Any) -> tuple[Tensor, Tensor]:
+    """Radial run without autograd: one buffer updated in place, log-dets of the run at once."""
+    x = z.clone()
+    radius = z.new_empty(p.z0.shape[0], z.shape[0])
+    alphas, betas = p.alpha.tolist(), p.beta.tolist()
+    for i, z0 in enumerate(p.z0.unbind(0)):
+        diff = x - z0
+        torch.linalg.vector_norm(diff, dim=-1, out=radius[i])
+        x.addcmul_((betas[i] / (radius[i] + alphas[i])).unsqueeze(-1), diff)
+    h = 1 / (p.alpha.unsqueeze(-1) + radius)
+    bh = p.beta.unsqueeze(-1) * h
+    logdet = (layer.dim - 1) * torch.log1p(bh) + torch.log1p(bh * p.alpha.unsqueeze(-1) * h)
+    return x, logdet.sum(0)
+
+
 def _tanh_newton(c: Tensor, alpha: float, steps: int) -> tuple[Tensor, Tensor]:
     """Solve ``s + α tanh(s) = c`` with ``steps`` Newton iterations from the hard-tanh root.
 
@@ -310,8 +339,7 @@ def _planar_inverse(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor
     """Inverse of a planar run; differentiable by one implicit-function step per layer."""
     with torch.no_grad():
         z, roots = _planar_roots(x.detach(), PlanarParams(*(t.detach() for t in p)), act)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in p))
-    if not needs_grad:
+    if not _needs_grad(x, p):
         return z, -torch.log1p(p.wu.unsqueeze(-1) * act.derivative(roots)).sum(0)
     z, logdet = x, x.new_zeros(x.shape[0])
     for i in range(p.u.shape[0] - 1, -1, -1):  # same value, implicit-function gradients
@@ -372,12 +400,18 @@ def _forward_run(stack: LayerStack, z: Tensor, start: int, stop: int) -> tuple[T
     layer = stack.template
     if isinstance(layer, Planar):
         p = layer.constrain(stack.raw(start, stop))
+        if not _needs_grad(z, p):
+            return _planar_forward_eval(z, p, layer.act)
         return _PlanarRun.apply(z, p.u, p.w, p.b, p.wu, layer.act)
+    if isinstance(layer, Radial):
+        p = layer.constrain(stack.raw(start, stop))
+        if not _needs_grad(z, p):
+            return _radial_forward_eval(z, layer, p)
     if isinstance(layer, Householder):
         return z @ _householder_product(stack.raw(start, stop)["v"]), z.new_zeros(z.shape[0])
     if isinstance(layer, Sylvester):
         return _sylvester_forward(stack, z, start, stop)
-    params = layer.constrain(stack.raw(start, stop))
+    params = p if isinstance(layer, Radial) else layer.constrain(stack.raw(start, stop))
     logdet = z.new_zeros(z.shape[0])
     for i in range(stop - start):
         z, ld = layer.transform(z, _slice(params, i))
