@@ -488,6 +488,8 @@ def ratio(values: dict[str, float | str], higher_is_better: bool = True) -> str:
     if isinstance(ours, str) or not others:
         return "–"
     best = max(others) if higher_is_better else min(others)
+    if ours <= 0 or best <= 0:
+        return "–"
     r = ours / best if higher_is_better else best / ours
     return f"{r:.2f}×"
 
