@@ -1,4 +1,5 @@
-# flowprobe: `make demo` runs the main job, `make test` runs the test suite.
+# flowprobe: `make demo` runs the main job, `make test` runs the test suite, `make bench` the
+# side-by-side benchmark against normflows and Pyro.
 # Both create .venv if missing and install the pinned CPU build of PyTorch before the package.
 
 PYTHON ?= python3
@@ -29,6 +30,16 @@ test: $(STAMP) lint
 
 slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+BENCH_STAMP := $(VENV)/.flowprobe-bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet $(TORCH_PIN) -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	mkdir -p bench-out
+	$(PY) benchmarks/compare_anchors.py --json bench-out/compare_anchors.json
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache .hypothesis

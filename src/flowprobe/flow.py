@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Transform, TransformedDistribution, constraints
 
 from flowprobe.distributions import Density
+from flowprobe.layers import fused
 from flowprobe.layers.base import FlowLayer, RawParams
 from flowprobe.validation import check_points
 
@@ -35,6 +36,10 @@ class Flow(nn.Module):
         self.base = base
         self.layers = nn.ModuleList(layers)
         self.dim = base.dim
+        # Runs of same-family layers share stacked parameters and are evaluated fused (layers/fused.py).
+        self.stacks = nn.ModuleList(fused.fuse(self.layers))
+        self.register_state_dict_post_hook(fused.state_dict_hook)
+        self.register_load_state_dict_pre_hook(fused.load_state_dict_pre_hook)
 
     def _params(self, params: Sequence[RawParams | None] | None, batch: int) -> list:
         if params is None:
@@ -54,6 +59,8 @@ class Flow(nn.Module):
             ``(x, logdet)``: data points and ``Σ_k log|det J_k|``, shapes ``(N, dim)``, ``(N,)``.
         """
         z = check_points(z, self.dim, "z")
+        if fused.usable(params) and len(self.layers) > 0:
+            return fused.forward_layers(self.layers, z)
         logdet = z.new_zeros(z.shape[0])
         for layer, p in zip(self.layers, self._params(params, z.shape[0])):
             z, ld = layer.transform(z, p)
@@ -63,6 +70,8 @@ class Flow(nn.Module):
     def inverse(self, x: Tensor, params: Sequence[RawParams | None] | None = None) -> tuple[Tensor, Tensor]:
         """Pull data points back to the source; returns ``(z, log|det ∂z/∂x|)``."""
         x = check_points(x, self.dim, "x")
+        if fused.usable(params) and len(self.layers) > 0:
+            return fused.inverse_layers(self.layers, x)
         logdet = x.new_zeros(x.shape[0])
         pairs = list(zip(self.layers, self._params(params, x.shape[0])))
         for layer, p in reversed(pairs):

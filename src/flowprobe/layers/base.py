@@ -68,12 +68,28 @@ class FlowLayer(nn.Module):
     # -- parameters ------------------------------------------------------------------------
     def raw_shapes(self) -> dict[str, tuple[int, ...]]:
         """Names and (unbatched) shapes of the raw parameters."""
-        return {name: tuple(p.shape) for name, p in self.named_parameters(recurse=False)}
+        return {name: tuple(p.shape) for name, p in self.own_raw().items()}
 
     @property
     def raw_numel(self) -> int:
         """Number of raw parameter values; the width a network must output to amortise this layer."""
-        return sum(p.numel() for p in self.parameters(recurse=False))
+        return sum(p.numel() for p in self.own_raw().values())
+
+    def own_raw(self) -> dict[str, Tensor]:
+        """The layer's own raw parameters: its ``nn.Parameter``s or, once a :class:`~flowprobe.Flow`
+        has fused it into a run of same-family layers, views of the run's stacked parameters
+        (:mod:`flowprobe.layers.fused`)."""
+        slot = self.__dict__.get("_fused_slot")
+        if slot is None:
+            return dict(self.named_parameters(recurse=False))
+        stack, index = slot
+        return {name: p[index] for name, p in stack.named_parameters(recurse=False)}
+
+    def __getattr__(self, name: str) -> Any:
+        slot = self.__dict__.get("_fused_slot")
+        if slot is not None and name in slot[0]._parameters:  # a fused layer reads a view: layer.u is stack.u[i]
+            return slot[0]._parameters[name][slot[1]]
+        return super().__getattr__(name)
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Split a ``(N, raw_numel)`` tensor (e.g. a network head) into batched raw parameters."""
@@ -88,7 +104,7 @@ class FlowLayer(nn.Module):
 
     def _raw(self, params: RawParams | None, batch: int) -> dict[str, Tensor]:
         if params is None:
-            return dict(self.named_parameters(recurse=False))
+            return self.own_raw()
         if validation_enabled():
             shapes = self.raw_shapes()
             if set(params) != set(shapes):
