@@ -44,9 +44,13 @@ class Flow(nn.Module):
     def _params(self, params: Sequence[RawParams | None] | None, batch: int) -> list:
         if params is None:
             return [layer.constrained() for layer in self.layers]
-        if len(params) != len(self.layers):
-            raise ValueError(f"params must hold one entry per layer ({len(self.layers)}), got {len(params)}")
         return [layer.constrained(p, batch) for layer, p in zip(self.layers, params)]
+
+    def _fused(self, params: Sequence[RawParams | None] | None) -> bool:
+        """Check ``params`` and say whether the fused path (own parameters only) applies."""
+        if params is not None and len(params) != len(self.layers):
+            raise ValueError(f"params must hold one entry per layer ({len(self.layers)}), got {len(params)}")
+        return fused.usable(params) and len(self.layers) > 0
 
     def forward(self, z: Tensor, params: Sequence[RawParams | None] | None = None) -> tuple[Tensor, Tensor]:
         """Push source points through all layers.
@@ -59,7 +63,7 @@ class Flow(nn.Module):
             ``(x, logdet)``: data points and ``Σ_k log|det J_k|``, shapes ``(N, dim)``, ``(N,)``.
         """
         z = check_points(z, self.dim, "z")
-        if fused.usable(params) and len(self.layers) > 0:
+        if self._fused(params):
             return fused.forward_layers(self.layers, z)
         logdet = z.new_zeros(z.shape[0])
         for layer, p in zip(self.layers, self._params(params, z.shape[0])):
@@ -70,7 +74,7 @@ class Flow(nn.Module):
     def inverse(self, x: Tensor, params: Sequence[RawParams | None] | None = None) -> tuple[Tensor, Tensor]:
         """Pull data points back to the source; returns ``(z, log|det ∂z/∂x|)``."""
         x = check_points(x, self.dim, "x")
-        if fused.usable(params) and len(self.layers) > 0:
+        if self._fused(params):
             return fused.inverse_layers(self.layers, x)
         logdet = x.new_zeros(x.shape[0])
         pairs = list(zip(self.layers, self._params(params, x.shape[0])))
