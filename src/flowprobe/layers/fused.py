@@ -46,7 +46,7 @@ from flowprobe.activations import Activation
 from flowprobe.layers.base import FlowLayer
 from flowprobe.layers.householder import Householder, reflect
 from flowprobe.layers.planar import Planar, PlanarParams
-from flowprobe.layers.radial import Radial
+from flowprobe.layers.radial import Radial, RadialParams
 from flowprobe.layers.scalar import solve_scalar
 from flowprobe.layers.sylvester import GeneralSylvester, Sylvester, SylvesterParams
 
@@ -264,19 +264,78 @@ def _planar_forward_eval(z: Tensor, p: PlanarParams, act: Activation) -> tuple[T
     return x, torch.log1p(p.wu.unsqueeze(-1) * act.derivative(pre)).sum(0)
 
 
-def _radial_forward_eval(z: Tensor, layer: Radial, p: Any) -> tuple[Tensor, Tensor]:
-    """Radial run without autograd: one buffer updated in place, log-dets of the run at once."""
-    x = z.clone()
-    radius = z.new_empty(p.z0.shape[0], z.shape[0])
-    alphas, betas = p.alpha.tolist(), p.beta.tolist()
-    for i, z0 in enumerate(p.z0.unbind(0)):
-        diff = x - z0
+def _radial_steps(z: Tensor, p: RadialParams, diffs: Sequence[Tensor], radius: Tensor) -> Tensor:
+    """The ``K`` radial updates ``x ← x + β_k/(α_k + r_k) (x − z0_k)``, four ops per layer.
+
+    Writes layer ``k``'s ``x − z0_k`` into ``diffs[k]`` (the same buffer may be passed ``K`` times)
+    and ``r_k = ‖x − z0_k‖`` into ``radius[k]``; returns the output of the run.
+    """
+    x = z
+    for i, (z0, alpha, beta) in enumerate(zip(p.z0.unbind(0), p.alpha.unbind(0), p.beta.unbind(0), strict=True)):
+        diff = torch.sub(x, z0, out=diffs[i])
         torch.linalg.vector_norm(diff, dim=-1, out=radius[i])
-        x.addcmul_((betas[i] / (radius[i] + alphas[i])).unsqueeze(-1), diff)
-    h = 1 / (p.alpha.unsqueeze(-1) + radius)
-    bh = p.beta.unsqueeze(-1) * h
-    logdet = (layer.dim - 1) * torch.log1p(bh) + torch.log1p(bh * p.alpha.unsqueeze(-1) * h)
-    return x, logdet.sum(0)
+        x = torch.addcmul(x, torch.div(beta, radius[i] + alpha).unsqueeze(-1), diff)
+    return x
+
+
+def _radial_logdet(dim: int, radius: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    """``Σ_k (d−1) log(1 + β_k h_k) + log(1 + α_k β_k h_k²)``, ``h_k = 1/(α_k + r_k)``, for ``(K, N)`` radii."""
+    h = 1 / (alpha.unsqueeze(-1) + radius)
+    bh = beta.unsqueeze(-1) * h
+    return ((dim - 1) * torch.log1p(bh) + torch.log1p(bh * alpha.unsqueeze(-1) * h)).sum(0)
+
+
+def _radial_forward_eval(z: Tensor, p: RadialParams) -> tuple[Tensor, Tensor]:
+    """Radial run without autograd: one ``x − z0`` buffer reused by every layer."""
+    radius = z.new_empty(p.z0.shape[0], z.shape[0])
+    x = _radial_steps(z, p, [torch.empty_like(z)] * p.z0.shape[0], radius)
+    return x, _radial_logdet(z.shape[-1], radius, p.alpha, p.beta)
+
+
+class _RadialRun(torch.autograd.Function):
+    """``K`` radial layers (Rezende & Mohamed, 2015) with an analytic backward.
+
+    Layer ``k``: ``x = z + a δ``, ``δ = z − z0``, ``r = ‖δ‖``, ``h = 1/(α + r)``, ``a = βh``,
+    ``ℓ = (d−1) log(1 + βh) + log(1 + αβh²)``. The forward keeps only every ``δ`` and ``r``.
+    Backward (``g`` = ∂L/∂x, ``λ`` = ∂L/∂logdet, ``γ = gᵀδ``):
+    ``∂L/∂h = βγ + λ ((d−1)β/(1+βh) + 2αβh/(1+αβh²))``, ``c = −h² (∂L/∂h)/r`` (0 at ``r = 0``),
+    ``∂L/∂z = (1 + a) g + c δ``, ``∂L/∂z0 = −Σ_n (a g + c δ)``,
+    ``∂L/∂α = Σ_n (−h² ∂L/∂h + λ βh²/(1+αβh²))``, ``∂L/∂β = Σ_n (hγ + λ ((d−1)h/(1+βh) + αh²/(1+αβh²)))``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, z0: Tensor, alpha: Tensor, beta: Tensor) -> Any:
+        k, (n, d) = z0.shape[0], z.shape
+        diffs, radius = z.new_empty(k, n, d), z.new_empty(k, n)
+        x = _radial_steps(z, RadialParams(z0, alpha, beta), diffs.unbind(0), radius)
+        ctx.save_for_backward(diffs, radius, alpha, beta)
+        return x, _radial_logdet(d, radius, alpha, beta)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_x: Tensor, grad_logdet: Tensor) -> tuple:
+        diffs, radius, alpha, beta = ctx.saved_tensors
+        k, d = diffs.shape[0], diffs.shape[-1]
+        al, be = alpha.unsqueeze(-1), beta.unsqueeze(-1)
+        h = 1 / (al + radius)
+        bh = be * h
+        one_plus_bh, one_plus_abh2 = 1 + bh, 1 + bh * al * h
+        dl_dh = grad_logdet * ((d - 1) * be / one_plus_bh + 2 * al * bh / one_plus_abh2)
+        dl_db = grad_logdet * ((d - 1) * h / one_plus_bh + al * h * h / one_plus_abh2)
+        dl_da = grad_logdet * (bh * h / one_plus_abh2)
+        m = torch.where(radius > 0, -h * h / radius, torch.zeros_like(radius))  # ∂L/∂h → c
+        m_beta, m_dl_dh = m * be, m * dl_dh
+        gamma, coef, grad_a = torch.empty_like(radius), torch.empty_like(radius), torch.empty_like(diffs[:, 0])
+        scale, coef_cols = one_plus_bh.unsqueeze(-1).unbind(0), coef.unsqueeze(-1).unbind(0)
+        g = grad_x
+        for i in range(k - 1, -1, -1):
+            torch.linalg.vecdot(g, diffs[i], out=gamma[i])
+            torch.addcmul(m_dl_dh[i], m_beta[i], gamma[i], out=coef[i])
+            torch.mv(g.t(), bh[i], out=grad_a[i])
+            g = torch.addcmul(g * scale[i], coef_cols[i], diffs[i])
+        d_h = be * gamma + dl_dh
+        grad_z0 = -grad_a - torch.bmm(coef.unsqueeze(1), diffs).squeeze(1)
+        return g, grad_z0, (dl_da - h * h * d_h).sum(1), (h * gamma + dl_db).sum(1)
 
 
 def _tanh_newton(c: Tensor, alpha: float, steps: int) -> tuple[Tensor, Tensor]:
@@ -406,12 +465,13 @@ def _forward_run(stack: LayerStack, z: Tensor, start: int, stop: int) -> tuple[T
     if isinstance(layer, Radial):
         p = layer.constrain(stack.raw(start, stop))
         if not _needs_grad(z, p):
-            return _radial_forward_eval(z, layer, p)
+            return _radial_forward_eval(z, p)
+        return _RadialRun.apply(z, p.z0, p.alpha, p.beta)
     if isinstance(layer, Householder):
         return z @ _householder_product(stack.raw(start, stop)["v"]), z.new_zeros(z.shape[0])
     if isinstance(layer, Sylvester):
         return _sylvester_forward(stack, z, start, stop)
-    params = p if isinstance(layer, Radial) else layer.constrain(stack.raw(start, stop))
+    params = layer.constrain(stack.raw(start, stop))
     logdet = z.new_zeros(z.shape[0])
     for i in range(stop - start):
         z, ld = layer.transform(z, _slice(params, i))
