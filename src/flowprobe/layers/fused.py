@@ -386,12 +386,13 @@ def _planar_roots(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, 
     us, ws, bs = p.u.unbind(0), p.w.unbind(0), p.b.unbind(0)
     if act.name == "tanh":
         last = torch.empty_like(pre)
-        one_plus = (1 + p.wu).unbind(0)
+        one_plus, roots, lasts = (1 + p.wu).unbind(0), pre.unbind(0), last.unbind(0)
         z = x
         for i in range(k - 1, -1, -1):
-            _tanh_newton(torch.addmv(bs[i], z, ws[i]), alphas[i], one_plus[i], _newton_budget(alphas[i], x.dtype),
-                         pre[i], last[i])
-            z = torch.addr(z, torch.tanh(pre[i]), us[i], alpha=-1)
+            alpha = alphas[i]
+            _tanh_newton(torch.addmv(bs[i], z, ws[i]), alpha, one_plus[i], _newton_budget(alpha, x.dtype), roots[i],
+                         lasts[i])
+            z = torch.addr(z, torch.tanh(roots[i]), us[i], alpha=-1)
         curvature = 0.385 * p.wu.abs() / torch.clamp(1 + p.wu, max=1.0)
         if bool((curvature * last.abs().amax(1).square() <= 2 * torch.finfo(x.dtype).eps).all()):
             return z, pre
