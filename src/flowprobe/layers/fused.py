@@ -372,8 +372,11 @@ def _newton_budget(alpha: float, dtype: torch.dtype) -> int:
     return steps if -0.9 <= alpha <= 6.0 else steps + NEWTON_EXTRA_STEPS
 
 
-def _planar_roots(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, Tensor]:
+def _planar_roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Invert a planar run without autograd; returns ``z`` and the pre-activations ``(K, N)``.
+
+    With ``inputs`` ``(K, N, d)`` given, the point entering the inverse of layer ``k`` (the output
+    of layer ``k``) is written into ``inputs[k]``.
 
     ``tanh`` layers use :func:`_tanh_newton` (a fixed budget per layer, no synchronisation inside
     the run) with one convergence check for the whole run: every layer's last Newton step ``δ``
@@ -384,6 +387,10 @@ def _planar_roots(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, 
     alphas = p.wu.tolist()
     pre = x.new_empty(k, x.shape[0])
     us, ws, bs = p.u.unbind(0), p.w.unbind(0), p.b.unbind(0)
+    outs: list[Tensor | None] = [None] * k
+    if inputs is not None:
+        inputs[-1] = x
+        outs = [None, *inputs.unbind(0)[:-1]]  # layer k's inverse writes layer k − 1's input
     if act.name == "tanh":
         last = torch.empty_like(pre)
         one_plus, roots, lasts = (1 + p.wu).unbind(0), pre.unbind(0), last.unbind(0)
@@ -392,7 +399,7 @@ def _planar_roots(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, 
             alpha = alphas[i]
             _tanh_newton(torch.addmv(bs[i], z, ws[i]), alpha, one_plus[i], _newton_budget(alpha, x.dtype), roots[i],
                          lasts[i])
-            z = torch.addr(z, torch.tanh(roots[i]), us[i], alpha=-1)
+            z = torch.addr(z, torch.tanh(roots[i]), us[i], alpha=-1, out=outs[i])
         curvature = 0.385 * p.wu.abs() / torch.clamp(1 + p.wu, max=1.0)
         if bool((curvature * last.abs().amax(1).square() <= 2 * torch.finfo(x.dtype).eps).all()):
             return z, pre
@@ -402,25 +409,63 @@ def _planar_roots(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, 
     for i in range(k - 1, -1, -1):
         c = torch.addmv(bs[i], z, ws[i])
         pre[i] = solve_scalar(c, p.wu[i], one, zero, act)
-        z = torch.addr(z, act.fn(pre[i]), us[i], alpha=-1)
+        z = torch.addr(z, act.fn(pre[i]), us[i], alpha=-1, out=outs[i])
     return z, pre
 
 
+class _PlanarInverseRun(torch.autograd.Function):
+    """Inverse of ``K`` planar layers with an analytic backward (implicit-function gradients).
+
+    Layer ``k`` inverted at ``y``: ``c = wᵀy + b``, ``s + α h(s) = c`` (``α = wᵀû``),
+    ``z = y − û h(s)``, ``ℓ = −log(1 + α h'(s))``. With ``D = 1 + α h'(s)``, ``g`` = ∂L/∂z and
+    ``λ`` = ∂L/∂logdet: ``∂L/∂c = (−h'(s) gᵀû + λ ∂ℓ/∂s)/D``, ``∂L/∂y = g + (∂L/∂c) w``,
+    ``∂L/∂û = −Σ_n h(s) g``, ``∂L/∂w = Σ_n (∂L/∂c) y``, ``∂L/∂b = Σ_n ∂L/∂c``,
+    ``∂L/∂α = Σ_n (−h(s) ∂L/∂c + λ ∂ℓ/∂α)`` (``ds/dc = 1/D``, ``ds/dα = −h(s)/D``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, u: Tensor, w: Tensor, b: Tensor, wu: Tensor, act: Activation) -> Any:
+        inputs = x.new_empty(u.shape[0], *x.shape)
+        z, roots = _planar_roots(x, PlanarParams(u, w, b, wu), act, inputs)
+        ctx.save_for_backward(inputs, roots, u, w, wu)
+        ctx.act = act
+        return z, -torch.log1p(wu.unsqueeze(-1) * act.derivative(roots)).sum(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_z: Tensor, grad_logdet: Tensor) -> tuple:
+        inputs, roots, u, w, wu = ctx.saved_tensors
+        act = ctx.act
+        with torch.enable_grad():
+            roots_ = roots.detach().requires_grad_(True)
+            wu_ = wu.detach().requires_grad_(True)
+            slope = act.derivative(roots_)
+            terms = -torch.log1p(wu_.unsqueeze(-1) * slope)
+            d_root_logdet, grad_wu = torch.autograd.grad(
+                terms, (roots_, wu_), grad_logdet.expand_as(terms), allow_unused=True, materialize_grads=True
+            )
+        slope = slope.detach()
+        denominator = 1 + wu.unsqueeze(-1) * slope
+        offset, factor = d_root_logdet / denominator, -slope / denominator  # ∂L/∂c = offset + factor gᵀû
+        minus_hidden = -act.fn(roots)
+        d_c = torch.empty_like(roots)
+        grad_u, grad_w = torch.empty_like(u), torch.empty_like(w)
+        us, ws = u.unbind(0), w.unbind(0)
+        g = grad_z
+        for i in range(u.shape[0]):
+            torch.addcmul(offset[i], factor[i], torch.mv(g, us[i]), out=d_c[i])
+            torch.mv(g.t(), minus_hidden[i], out=grad_u[i])
+            torch.mv(inputs[i].t(), d_c[i], out=grad_w[i])
+            g = torch.addr(g, d_c[i], ws[i])
+        return g, grad_u, grad_w, d_c.sum(1), grad_wu + (minus_hidden * d_c).sum(1), None
+
+
 def _planar_inverse(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, Tensor]:
-    """Inverse of a planar run; differentiable by one implicit-function step per layer."""
-    with torch.no_grad():
-        z, roots = _planar_roots(x.detach(), PlanarParams(*(t.detach() for t in p)), act)
-    if not _needs_grad(x, p):
-        return z, -torch.log1p(p.wu.unsqueeze(-1) * act.derivative(roots)).sum(0)
-    z, logdet = x, x.new_zeros(x.shape[0])
-    for i in range(p.u.shape[0] - 1, -1, -1):  # same value, implicit-function gradients
-        root = roots[i]
-        c = z @ p.w[i] + p.b[i]
-        slope = 1 + p.wu[i] * act.derivative(root)
-        s = root - (root + p.wu[i] * act.fn(root) - c) / slope.detach()
-        z = z - p.u[i] * act.fn(s).unsqueeze(-1)
-        logdet = logdet - torch.log1p(p.wu[i] * act.derivative(s))
-    return z, logdet
+    """Inverse of a planar run: :func:`_planar_roots`, or :class:`_PlanarInverseRun` with autograd."""
+    if _needs_grad(x, p):
+        return _PlanarInverseRun.apply(x, p.u, p.w, p.b, p.wu, act)
+    z, roots = _planar_roots(x, p, act)
+    return z, -torch.log1p(p.wu.unsqueeze(-1) * act.derivative(roots)).sum(0)
 
 
 # -- Householder ---------------------------------------------------------------------------------
