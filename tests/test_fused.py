@@ -58,7 +58,7 @@ def test_fused_equals_layer_by_layer(family, direction):
     torch.testing.assert_close(out_f, out_l, atol=TOL, rtol=0)
     torch.testing.assert_close(ld_f, ld_l, atol=TOL, rtol=0)
     for g_f, g_l in zip(grads_f, grads_l, strict=True):
-        torch.testing.assert_close(g_f, g_l, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(g_f, g_l, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("family", ["planar-tanh", "radial", "sylvester-O"])
