@@ -266,16 +266,16 @@ def _planar_forward_eval(z: Tensor, p: PlanarParams, act: Activation) -> tuple[T
 
 
 def _radial_steps(z: Tensor, p: RadialParams, diffs: Sequence[Tensor], radius: Tensor) -> Tensor:
-    """The ``K`` radial updates ``x ← x + β_k/(α_k + r_k) (x − z0_k)``, four ops per layer.
+    """The ``K`` radial updates ``x ← x + β_k/(α_k + r_k) (x − z0_k)``, five ops per layer.
 
     Writes layer ``k``'s ``x − z0_k`` into ``diffs[k]`` (the same buffer may be passed ``K`` times)
     and ``r_k = ‖x − z0_k‖`` into ``radius[k]``; returns the output of the run.
     """
-    x = z
+    x = z.clone()  # updated in place
     for i, (z0, alpha, beta) in enumerate(zip(p.z0.unbind(0), p.alpha.unbind(0), p.beta.unbind(0), strict=True)):
         diff = torch.sub(x, z0, out=diffs[i])
         torch.linalg.vector_norm(diff, dim=-1, out=radius[i])
-        x = torch.addcmul(x, torch.div(beta, radius[i] + alpha).unsqueeze(-1), diff)
+        x.addcmul_(torch.div(beta, radius[i] + alpha).unsqueeze(-1), diff)
     return x
 
 
