@@ -16,20 +16,25 @@ On the stacked parameters, a run is evaluated with:
   batched call of the layer's own ``constrain``;
 * **planar**: one autograd Function for the whole run with an analytic backward (the forward keeps
   only each layer's input and pre-activation; three ops per layer each way), and an inverse whose
-  Newton iterations run with a fixed budget and a single convergence check for the whole run
-  (falling back to the layer's safeguarded solver when the check fails);
+  Newton iterations run with a fixed budget per layer (set by ``α = wᵀû``, no synchronisation
+  inside the run) and a single convergence check for the whole run (falling back to the layer's
+  safeguarded solver when the check fails); with autograd the inverse run is one Function too, its
+  backward the implicit-function gradients in five ops per layer;
+* **radial**: one autograd Function for the whole run with an analytic backward (the forward keeps
+  each layer's ``z − z0`` and radius; five ops per layer each way, everything else batched over
+  the run);
 * **Householder**: the product of all reflections of the run as one ``d × d`` matrix (built for
   the ``K`` layers at once), applied with one matrix product; the inverse uses its transpose;
 * **Sylvester**: the products ``QR`` and ``QR̃ᵀ`` precomputed for the run, two matrix products
   per layer, log-determinants of the whole run in one batched expression;
-* other families (radial, general Sylvester): the batched reparametrisation, then the layer's own
-  ``transform`` / ``invert`` per layer.
+* other families (general Sylvester; radial inverses): the batched reparametrisation, then the
+  layer's own ``transform`` / ``invert`` per layer.
 
 Every fused path evaluates the same formulas as the layers; ``tests/test_fused.py`` checks values,
 log-dets and gradients against the layer-by-layer path to ``1e-12`` in float64. Amortised
 (per-point) parameters, ``torch.func`` transforms and ``set_fusion(False)`` use the layer-by-layer
-path. The analytic backward is once-differentiable (no double backward through a fused planar run:
-switch fusion off for Hessian-vector products).
+path. The analytic backwards are once-differentiable (no double backward through a fused planar or
+radial run: switch fusion off for Hessian-vector products).
 """
 
 from __future__ import annotations
