@@ -58,7 +58,7 @@ def test_fused_equals_layer_by_layer(family, direction):
     torch.testing.assert_close(out_f, out_l, atol=TOL, rtol=0)
     torch.testing.assert_close(ld_f, ld_l, atol=TOL, rtol=0)
     for g_f, g_l in zip(grads_f, grads_l, strict=True):
-        torch.testing.assert_close(g_f, g_l, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(g_f, g_l, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("family", ["planar-tanh", "radial", "sylvester-O"])
@@ -190,3 +190,62 @@ def test_fused_evaluation_without_grad_equals_layer_by_layer(family):
             z_l, ldi_l = flow.inverse(x_l)
     for fused_value, layered in ((x_f, x_l), (ld_f, ld_l), (z_f, z_l), (ldi_f, ldi_l)):
         torch.testing.assert_close(fused_value, layered, atol=TOL, rtol=0)
+
+
+def test_radial_run_backward_passes_gradcheck():
+    torch.manual_seed(8)
+    k, d = 4, 3
+    z = torch.randn(6, d, dtype=torch.float64, requires_grad=True)
+    z0 = torch.randn(k, d, dtype=torch.float64, requires_grad=True)
+    alpha = (0.2 + torch.rand(k, dtype=torch.float64)).requires_grad_(True)
+    beta = (torch.rand(k, dtype=torch.float64) - 0.1).requires_grad_(True)
+    assert torch.autograd.gradcheck(fused._RadialRun.apply, (z, z0, alpha, beta), eps=1e-6, atol=1e-8)
+
+
+def test_radial_run_gradient_at_a_centre_equals_autograd():
+    flow = make_flow("radial", dim=3, k=3)
+    with torch.no_grad():
+        centre = flow.stacks[0].z0[0].clone()
+    points = torch.cat([centre.unsqueeze(0), torch.randn(4, 3, dtype=torch.float64)])  # r = 0 at layer 0
+    out_f, ld_f, grads_f = evaluate(flow, "forward", points, fusion=True)
+    out_l, ld_l, grads_l = evaluate(flow, "forward", points, fusion=False)
+    torch.testing.assert_close(ld_f, ld_l, atol=TOL, rtol=0)
+    for g_f, g_l in zip(grads_f, grads_l, strict=True):
+        assert torch.isfinite(g_f).all()
+        torch.testing.assert_close(g_f, g_l, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_planar_inverse_run_backward_passes_gradcheck(activation):
+    torch.manual_seed(9)
+    k, d = 3, 2
+    layer = fp.Planar(d, activation).double()
+    raw = {name: (torch.randn(k, *p.shape, dtype=torch.float64) * 0.5) for name, p in layer.named_parameters()}
+    p = layer.constrain(raw)
+    x = torch.randn(5, d, dtype=torch.float64, requires_grad=True)
+    inputs = (x, *(t.detach().requires_grad_(True) for t in p))
+
+    def run(x, u, w, b, wu):
+        return fused._PlanarInverseRun.apply(x, u, w, b, wu, layer.act)
+
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-8)
+
+
+def test_planar_inverse_gradients_survive_the_fallback(monkeypatch):
+    flow = make_flow("planar-tanh", dim=3, k=4)
+    x = flow(torch.randn(7, 3, dtype=torch.float64))[0].detach()
+    out_l, ld_l, grads_l = evaluate(flow, "inverse", x, fusion=False)
+    calls = []
+
+    def counting_solver(*args):
+        calls.append(1)
+        return fp.layers.scalar.solve_scalar(*args)
+
+    monkeypatch.setattr(fused, "solve_scalar", counting_solver)
+    monkeypatch.setitem(fused.NEWTON_STEPS, torch.float64, 1)  # the check fails: safeguarded solver
+    out_f, ld_f, grads_f = evaluate(flow, "inverse", x, fusion=True)
+    assert len(calls) == 4
+    torch.testing.assert_close(out_f, out_l, atol=TOL, rtol=0)
+    torch.testing.assert_close(ld_f, ld_l, atol=TOL, rtol=0)
+    for g_f, g_l in zip(grads_f, grads_l, strict=True):
+        torch.testing.assert_close(g_f, g_l, atol=1e-12, rtol=1e-12)

@@ -16,20 +16,25 @@ On the stacked parameters, a run is evaluated with:
   batched call of the layer's own ``constrain``;
 * **planar**: one autograd Function for the whole run with an analytic backward (the forward keeps
   only each layer's input and pre-activation; three ops per layer each way), and an inverse whose
-  Newton iterations run with a fixed budget and a single convergence check for the whole run
-  (falling back to the layer's safeguarded solver when the check fails);
+  Newton iterations run with a fixed budget per layer (set by ``α = wᵀû``, no synchronisation
+  inside the run) and a single convergence check for the whole run (falling back to the layer's
+  safeguarded solver when the check fails); with autograd the inverse run is one Function too, its
+  backward the implicit-function gradients in five ops per layer;
+* **radial**: one autograd Function for the whole run with an analytic backward (the forward keeps
+  each layer's ``z − z0`` and radius; five ops per layer each way, everything else batched over
+  the run);
 * **Householder**: the product of all reflections of the run as one ``d × d`` matrix (built for
   the ``K`` layers at once), applied with one matrix product; the inverse uses its transpose;
 * **Sylvester**: the products ``QR`` and ``QR̃ᵀ`` precomputed for the run, two matrix products
   per layer, log-determinants of the whole run in one batched expression;
-* other families (radial, general Sylvester): the batched reparametrisation, then the layer's own
-  ``transform`` / ``invert`` per layer.
+* other families (general Sylvester; radial inverses): the batched reparametrisation, then the
+  layer's own ``transform`` / ``invert`` per layer.
 
 Every fused path evaluates the same formulas as the layers; ``tests/test_fused.py`` checks values,
 log-dets and gradients against the layer-by-layer path to ``1e-12`` in float64. Amortised
 (per-point) parameters, ``torch.func`` transforms and ``set_fusion(False)`` use the layer-by-layer
-path. The analytic backward is once-differentiable (no double backward through a fused planar run:
-switch fusion off for Hessian-vector products).
+path. The analytic backwards are once-differentiable (no double backward through a fused planar or
+radial run: switch fusion off for Hessian-vector products).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from flowprobe.activations import Activation
 from flowprobe.layers.base import FlowLayer
 from flowprobe.layers.householder import Householder, reflect
 from flowprobe.layers.planar import Planar, PlanarParams
-from flowprobe.layers.radial import Radial
+from flowprobe.layers.radial import Radial, RadialParams
 from flowprobe.layers.scalar import solve_scalar
 from flowprobe.layers.sylvester import GeneralSylvester, Sylvester, SylvesterParams
 
@@ -64,8 +69,9 @@ __all__ = [
 
 FUSABLE = (Planar, Radial, Sylvester, GeneralSylvester, Householder)
 PER_LAYER_ATTRIBUTES = ("flip",)  # configuration that may differ inside a run (triangular Sylvester)
-NEWTON_STEPS = {torch.float64: 6, torch.float32: 5}  # enough for every tanh layer (see _tanh_newton)
+NEWTON_STEPS = {torch.float64: 5, torch.float32: 4}  # tanh layers with α ∈ [−0.9, 6] (see _tanh_newton)
 NEWTON_STEPS_OTHER = 5
+NEWTON_EXTRA_STEPS = 2  # for α outside [−0.9, 6]
 
 _ENABLED = True
 
@@ -264,31 +270,97 @@ def _planar_forward_eval(z: Tensor, p: PlanarParams, act: Activation) -> tuple[T
     return x, torch.log1p(p.wu.unsqueeze(-1) * act.derivative(pre)).sum(0)
 
 
-def _radial_forward_eval(z: Tensor, layer: Radial, p: Any) -> tuple[Tensor, Tensor]:
-    """Radial run without autograd: one buffer updated in place, log-dets of the run at once."""
-    x = z.clone()
-    radius = z.new_empty(p.z0.shape[0], z.shape[0])
-    alphas, betas = p.alpha.tolist(), p.beta.tolist()
-    for i, z0 in enumerate(p.z0.unbind(0)):
-        diff = x - z0
+def _radial_steps(z: Tensor, p: RadialParams, diffs: Sequence[Tensor], radius: Tensor) -> Tensor:
+    """The ``K`` radial updates ``x ← x + β_k/(α_k + r_k) (x − z0_k)``, five ops per layer.
+
+    Writes layer ``k``'s ``x − z0_k`` into ``diffs[k]`` (the same buffer may be passed ``K`` times)
+    and ``r_k = ‖x − z0_k‖`` into ``radius[k]``; returns the output of the run.
+    """
+    x = z.clone()  # updated in place
+    for i, (z0, alpha, beta) in enumerate(zip(p.z0.unbind(0), p.alpha.unbind(0), p.beta.unbind(0), strict=True)):
+        diff = torch.sub(x, z0, out=diffs[i])
         torch.linalg.vector_norm(diff, dim=-1, out=radius[i])
-        x.addcmul_((betas[i] / (radius[i] + alphas[i])).unsqueeze(-1), diff)
-    h = 1 / (p.alpha.unsqueeze(-1) + radius)
-    bh = p.beta.unsqueeze(-1) * h
-    logdet = (layer.dim - 1) * torch.log1p(bh) + torch.log1p(bh * p.alpha.unsqueeze(-1) * h)
-    return x, logdet.sum(0)
+        x.addcmul_(torch.div(beta, radius[i] + alpha).unsqueeze(-1), diff)
+    return x
 
 
-def _tanh_newton(c: Tensor, alpha: float, steps: int) -> tuple[Tensor, Tensor]:
+def _radial_logdet(dim: int, radius: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    """``Σ_k (d−1) log(1 + β_k h_k) + log(1 + α_k β_k h_k²)``, ``h_k = 1/(α_k + r_k)``, for ``(K, N)`` radii."""
+    h = 1 / (alpha.unsqueeze(-1) + radius)
+    bh = beta.unsqueeze(-1) * h
+    return ((dim - 1) * torch.log1p(bh) + torch.log1p(bh * alpha.unsqueeze(-1) * h)).sum(0)
+
+
+def _radial_forward_eval(z: Tensor, p: RadialParams) -> tuple[Tensor, Tensor]:
+    """Radial run without autograd: one ``x − z0`` buffer reused by every layer."""
+    radius = z.new_empty(p.z0.shape[0], z.shape[0])
+    x = _radial_steps(z, p, [torch.empty_like(z)] * p.z0.shape[0], radius)
+    return x, _radial_logdet(z.shape[-1], radius, p.alpha, p.beta)
+
+
+class _RadialRun(torch.autograd.Function):
+    """``K`` radial layers (Rezende & Mohamed, 2015) with an analytic backward.
+
+    Layer ``k``: ``x = z + a δ``, ``δ = z − z0``, ``r = ‖δ‖``, ``h = 1/(α + r)``, ``a = βh``,
+    ``ℓ = (d−1) log(1 + βh) + log(1 + αβh²)``. The forward keeps only every ``δ`` and ``r``.
+    Backward (``g`` = ∂L/∂x, ``λ`` = ∂L/∂logdet, ``γ = gᵀδ``):
+    ``∂L/∂h = βγ + λ ((d−1)β/(1+βh) + 2αβh/(1+αβh²))``, ``c = −h² (∂L/∂h)/r`` (0 at ``r = 0``),
+    ``∂L/∂z = (1 + a) g + c δ``, ``∂L/∂z0 = −Σ_n (a g + c δ)``,
+    ``∂L/∂α = Σ_n (−h² ∂L/∂h + λ βh²/(1+αβh²))``, ``∂L/∂β = Σ_n (hγ + λ ((d−1)h/(1+βh) + αh²/(1+αβh²)))``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, z0: Tensor, alpha: Tensor, beta: Tensor) -> Any:
+        k, (n, d) = z0.shape[0], z.shape
+        diffs, radius = z.new_empty(k, n, d), z.new_empty(k, n)
+        x = _radial_steps(z, RadialParams(z0, alpha, beta), diffs.unbind(0), radius)
+        ctx.save_for_backward(diffs, radius, alpha, beta)
+        return x, _radial_logdet(d, radius, alpha, beta)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_x: Tensor, grad_logdet: Tensor) -> tuple:
+        diffs, radius, alpha, beta = ctx.saved_tensors
+        k, d = diffs.shape[0], diffs.shape[-1]
+        al, be = alpha.unsqueeze(-1), beta.unsqueeze(-1)
+        h = 1 / (al + radius)
+        bh = be * h
+        one_plus_bh, one_plus_abh2 = 1 + bh, 1 + bh * al * h
+        dl_dh = grad_logdet * ((d - 1) * be / one_plus_bh + 2 * al * bh / one_plus_abh2)
+        dl_db = grad_logdet * ((d - 1) * h / one_plus_bh + al * h * h / one_plus_abh2)
+        dl_da = grad_logdet * (bh * h / one_plus_abh2)
+        m = torch.where(radius > 0, -h * h / radius, torch.zeros_like(radius))  # ∂L/∂h → c
+        m_beta, m_dl_dh = m * be, m * dl_dh
+        gamma, coef, grad_a = torch.empty_like(radius), torch.empty_like(radius), torch.empty_like(diffs[:, 0])
+        scale, coef_cols = one_plus_bh.unsqueeze(-1).unbind(0), coef.unsqueeze(-1).unbind(0)
+        g = grad_x
+        for i in range(k - 1, -1, -1):
+            torch.linalg.vecdot(g, diffs[i], out=gamma[i])
+            torch.addcmul(m_dl_dh[i], m_beta[i], gamma[i], out=coef[i])
+            torch.mv(g.t(), bh[i], out=grad_a[i])
+            g = torch.addcmul(g * scale[i], coef_cols[i], diffs[i])
+        d_h = be * gamma + dl_dh
+        grad_z0 = -grad_a - torch.bmm(coef.unsqueeze(1), diffs).squeeze(1)
+        return g, grad_z0, (dl_da - h * h * d_h).sum(1), (h * gamma + dl_db).sum(1)
+
+
+def _tanh_newton(c: Tensor, alpha: float, one_plus: Tensor, steps: int, root: Tensor, last: Tensor) -> None:
     """Solve ``s + α tanh(s) = c`` with ``steps`` Newton iterations from the hard-tanh root.
 
-    Start: the exact root for ``h = clamp(·, −1, 1)``, ``s₀ = c − α clamp(c/(1+α), −1, 1)``. From
-    there the worst case over ``α ∈ [−0.95, 6]``, ``|s| ≤ 12`` is below ``1e-11`` after 5 and at
-    rounding after 6 iterations. Returns the root and the size of the last step (the check).
+    Start: the exact root for ``h = clamp(·, −1, 1)``, ``s₀ = c − α/(1+α) clamp(c, −(1+α), 1+α)``.
+    From there the worst relative error over ``α ∈ [−0.9, 6]``, ``|s| ≤ 12`` is ``8e-9`` after 4
+    and at rounding (``8e-16``) after 5 iterations; for ``α ∈ [−0.95, −0.9)`` one more iteration is
+    needed. Five ops per iteration, written into ``root``; the last step goes to ``last`` (the check).
+
+    Args:
+        c: Right-hand sides ``(N,)``.
+        alpha: ``α = wᵀû > −1``; ``one_plus`` is ``1 + α`` as a 0-d tensor.
+        steps: Number of iterations (≥ 1).
+        root: Output buffer ``(N,)`` for the root.
+        last: Output buffer ``(N,)`` for the last Newton step.
     """
-    one_plus = c.new_tensor(1.0 + alpha)
-    s = torch.add(c, torch.clamp(c / one_plus, -1.0, 1.0), alpha=-alpha)
-    step = s
+    bound = 1.0 + alpha
+    s = torch.add(c, torch.clamp(c, -bound, bound), alpha=-alpha / bound, out=root)
     for j in range(steps):
         t = torch.tanh(s)
         residual = torch.add(s, t, alpha=alpha).sub_(c)
@@ -296,34 +368,45 @@ def _tanh_newton(c: Tensor, alpha: float, steps: int) -> tuple[Tensor, Tensor]:
         if j + 1 < steps:
             s.addcdiv_(residual, slope, value=-1)
         else:
-            step = residual.div_(slope)
-            s.sub_(step)
-    return s, step
+            s.sub_(torch.div(residual, slope, out=last))
 
 
-def _planar_roots(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, Tensor]:
+def _newton_budget(alpha: float, dtype: torch.dtype) -> int:
+    """Newton iterations for a tanh layer with ``α = wᵀû`` (see :func:`_tanh_newton`)."""
+    steps = NEWTON_STEPS.get(dtype, NEWTON_STEPS_OTHER)
+    return steps if -0.9 <= alpha <= 6.0 else steps + NEWTON_EXTRA_STEPS
+
+
+def _planar_roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Invert a planar run without autograd; returns ``z`` and the pre-activations ``(K, N)``.
 
-    ``tanh`` layers use :func:`_tanh_newton` with one convergence check for the whole run: the last
-    Newton step ``δ`` must satisfy ``C δ² ≤ 2 eps`` with ``C = max|f''|/(2 min f')``, so that the
-    returned root is exact to rounding; otherwise the run is redone with the safeguarded solver.
+    With ``inputs`` ``(K, N, d)`` given, the point entering the inverse of layer ``k`` (the output
+    of layer ``k``) is written into ``inputs[k]``.
+
+    ``tanh`` layers use :func:`_tanh_newton` (a fixed budget per layer, no synchronisation inside
+    the run) with one convergence check for the whole run: every layer's last Newton step ``δ``
+    must satisfy ``C δ² ≤ 2 eps`` with ``C = max|f''|/(2 min f')``, so that the returned root is
+    exact to rounding; otherwise the run is redone with the safeguarded solver.
     """
     k = p.u.shape[0]
     alphas = p.wu.tolist()
     pre = x.new_empty(k, x.shape[0])
     us, ws, bs = p.u.unbind(0), p.w.unbind(0), p.b.unbind(0)
+    outs: list[Tensor | None] = [None] * k
+    if inputs is not None:
+        inputs[-1] = x
+        outs = [None, *inputs.unbind(0)[:-1]]  # layer k's inverse writes layer k − 1's input
     if act.name == "tanh":
-        steps = NEWTON_STEPS.get(x.dtype, NEWTON_STEPS_OTHER)
-        last = x.new_empty(k)
+        last = torch.empty_like(pre)
+        one_plus, roots, lasts = (1 + p.wu).unbind(0), pre.unbind(0), last.unbind(0)
         z = x
         for i in range(k - 1, -1, -1):
-            c = torch.addmv(bs[i], z, ws[i])
-            s, step = _tanh_newton(c, alphas[i], steps)
-            pre[i] = s
-            torch.linalg.vector_norm(step, float("inf"), out=last[i])
-            z = torch.addr(z, torch.tanh(s), us[i], alpha=-1)
-        curvature = torch.tensor([0.385 * abs(a) / min(1.0, 1.0 + a) for a in alphas], dtype=x.dtype, device=x.device)
-        if bool((curvature * last * last <= 2 * torch.finfo(x.dtype).eps).all()):
+            alpha = alphas[i]
+            _tanh_newton(torch.addmv(bs[i], z, ws[i]), alpha, one_plus[i], _newton_budget(alpha, x.dtype), roots[i],
+                         lasts[i])
+            z = torch.addr(z, torch.tanh(roots[i]), us[i], alpha=-1, out=outs[i])
+        curvature = 0.385 * p.wu.abs() / torch.clamp(1 + p.wu, max=1.0)
+        if bool((curvature * last.abs().amax(1).square() <= 2 * torch.finfo(x.dtype).eps).all()):
             return z, pre
     z = x
     one = x.new_ones(())
@@ -331,25 +414,63 @@ def _planar_roots(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, 
     for i in range(k - 1, -1, -1):
         c = torch.addmv(bs[i], z, ws[i])
         pre[i] = solve_scalar(c, p.wu[i], one, zero, act)
-        z = torch.addr(z, act.fn(pre[i]), us[i], alpha=-1)
+        z = torch.addr(z, act.fn(pre[i]), us[i], alpha=-1, out=outs[i])
     return z, pre
 
 
+class _PlanarInverseRun(torch.autograd.Function):
+    """Inverse of ``K`` planar layers with an analytic backward (implicit-function gradients).
+
+    Layer ``k`` inverted at ``y``: ``c = wᵀy + b``, ``s + α h(s) = c`` (``α = wᵀû``),
+    ``z = y − û h(s)``, ``ℓ = −log(1 + α h'(s))``. With ``D = 1 + α h'(s)``, ``g`` = ∂L/∂z and
+    ``λ`` = ∂L/∂logdet: ``∂L/∂c = (−h'(s) gᵀû + λ ∂ℓ/∂s)/D``, ``∂L/∂y = g + (∂L/∂c) w``,
+    ``∂L/∂û = −Σ_n h(s) g``, ``∂L/∂w = Σ_n (∂L/∂c) y``, ``∂L/∂b = Σ_n ∂L/∂c``,
+    ``∂L/∂α = Σ_n (−h(s) ∂L/∂c + λ ∂ℓ/∂α)`` (``ds/dc = 1/D``, ``ds/dα = −h(s)/D``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, u: Tensor, w: Tensor, b: Tensor, wu: Tensor, act: Activation) -> Any:
+        inputs = x.new_empty(u.shape[0], *x.shape)
+        z, roots = _planar_roots(x, PlanarParams(u, w, b, wu), act, inputs)
+        ctx.save_for_backward(inputs, roots, u, w, wu)
+        ctx.act = act
+        return z, -torch.log1p(wu.unsqueeze(-1) * act.derivative(roots)).sum(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_z: Tensor, grad_logdet: Tensor) -> tuple:
+        inputs, roots, u, w, wu = ctx.saved_tensors
+        act = ctx.act
+        with torch.enable_grad():
+            roots_ = roots.detach().requires_grad_(True)
+            wu_ = wu.detach().requires_grad_(True)
+            slope = act.derivative(roots_)
+            terms = -torch.log1p(wu_.unsqueeze(-1) * slope)
+            d_root_logdet, grad_wu = torch.autograd.grad(
+                terms, (roots_, wu_), grad_logdet.expand_as(terms), allow_unused=True, materialize_grads=True
+            )
+        slope = slope.detach()
+        denominator = 1 + wu.unsqueeze(-1) * slope
+        offset, factor = d_root_logdet / denominator, -slope / denominator  # ∂L/∂c = offset + factor gᵀû
+        minus_hidden = -act.fn(roots)
+        d_c = torch.empty_like(roots)
+        grad_u, grad_w = torch.empty_like(u), torch.empty_like(w)
+        us, ws = u.unbind(0), w.unbind(0)
+        g = grad_z
+        for i in range(u.shape[0]):
+            torch.addcmul(offset[i], factor[i], torch.mv(g, us[i]), out=d_c[i])
+            torch.mv(g.t(), minus_hidden[i], out=grad_u[i])
+            torch.mv(inputs[i].t(), d_c[i], out=grad_w[i])
+            g = torch.addr(g, d_c[i], ws[i])
+        return g, grad_u, grad_w, d_c.sum(1), grad_wu + (minus_hidden * d_c).sum(1), None
+
+
 def _planar_inverse(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, Tensor]:
-    """Inverse of a planar run; differentiable by one implicit-function step per layer."""
-    with torch.no_grad():
-        z, roots = _planar_roots(x.detach(), PlanarParams(*(t.detach() for t in p)), act)
-    if not _needs_grad(x, p):
-        return z, -torch.log1p(p.wu.unsqueeze(-1) * act.derivative(roots)).sum(0)
-    z, logdet = x, x.new_zeros(x.shape[0])
-    for i in range(p.u.shape[0] - 1, -1, -1):  # same value, implicit-function gradients
-        root = roots[i]
-        c = z @ p.w[i] + p.b[i]
-        slope = 1 + p.wu[i] * act.derivative(root)
-        s = root - (root + p.wu[i] * act.fn(root) - c) / slope.detach()
-        z = z - p.u[i] * act.fn(s).unsqueeze(-1)
-        logdet = logdet - torch.log1p(p.wu[i] * act.derivative(s))
-    return z, logdet
+    """Inverse of a planar run: :func:`_planar_roots`, or :class:`_PlanarInverseRun` with autograd."""
+    if _needs_grad(x, p):
+        return _PlanarInverseRun.apply(x, p.u, p.w, p.b, p.wu, act)
+    z, roots = _planar_roots(x, p, act)
+    return z, -torch.log1p(p.wu.unsqueeze(-1) * act.derivative(roots)).sum(0)
 
 
 # -- Householder ---------------------------------------------------------------------------------
@@ -406,12 +527,13 @@ def _forward_run(stack: LayerStack, z: Tensor, start: int, stop: int) -> tuple[T
     if isinstance(layer, Radial):
         p = layer.constrain(stack.raw(start, stop))
         if not _needs_grad(z, p):
-            return _radial_forward_eval(z, layer, p)
+            return _radial_forward_eval(z, p)
+        return _RadialRun.apply(z, p.z0, p.alpha, p.beta)
     if isinstance(layer, Householder):
         return z @ _householder_product(stack.raw(start, stop)["v"]), z.new_zeros(z.shape[0])
     if isinstance(layer, Sylvester):
         return _sylvester_forward(stack, z, start, stop)
-    params = p if isinstance(layer, Radial) else layer.constrain(stack.raw(start, stop))
+    params = layer.constrain(stack.raw(start, stop))
     logdet = z.new_zeros(z.shape[0])
     for i in range(stop - start):
         z, ld = layer.transform(z, _slice(params, i))
