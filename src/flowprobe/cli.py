@@ -17,7 +17,7 @@ from flowprobe.layers.base import InverseNotAvailable
 __all__ = ["CliError", "main"]
 
 # Modules that contribute sub-commands (each defines ``add_commands``).
-COMMAND_MODULES = ("flowprobe.demo",)
+COMMAND_MODULES = ("flowprobe.demo", "flowprobe.commands.train")
 
 
 class CliError(Exception):

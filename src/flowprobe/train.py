@@ -41,6 +41,7 @@ from flowprobe.validation import check_points, validation
 
 __all__ = [
     "FitConfig",
+    "atomic_write",
     "History",
     "fit",
     "load_weights",
@@ -141,12 +142,15 @@ class History:
 # -- atomic files ---------------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path`` (atomic)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -155,7 +159,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as JSON atomically."""
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def read_json(path: str | Path) -> Any:
@@ -171,7 +175,7 @@ def read_json(path: str | Path) -> Any:
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _load_tensors(path: Path) -> dict[str, Tensor]:
@@ -249,7 +253,7 @@ def _append_line(path: Path, record: dict) -> None:
 def _truncate_history(path: Path, keep: int) -> list[dict]:
     lines = path.read_text().splitlines()[:keep] if path.is_file() else []
     records = [json.loads(line) for line in lines]
-    _atomic(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
     return records
 
 
