@@ -13,14 +13,22 @@ from flowprobe.validation import check_points
 __all__ = ["load_array"]
 
 
+def _is_number(field: str) -> bool:
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_csv(path: Path) -> np.ndarray:
-    last_error: Exception | None = None
-    for skip in (0, 1):  # a header line is allowed
-        try:
-            return np.loadtxt(path, delimiter=",", ndmin=2, skiprows=skip, dtype=np.float64)
-        except ValueError as err:
-            last_error = err
-    raise ValueError(f"cannot read {path} as CSV of numbers: {str(last_error).splitlines()[0]}")
+    with open(path) as f:
+        first = f.readline()
+    header = not all(_is_number(field) for field in first.split(","))  # one header line is allowed
+    try:
+        return np.loadtxt(path, delimiter=",", ndmin=2, skiprows=int(header), dtype=np.float64)
+    except ValueError as err:
+        raise ValueError(f"cannot read {path} as CSV of numbers: {str(err).splitlines()[0]}") from None
 
 
 def load_array(path: str | Path, dim: int | None = None) -> Tensor:
