@@ -39,7 +39,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class Progress:
     """A progress bar on a terminal, plain periodic lines otherwise (both on ``stream``)."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, every: int = 1000, offset: float = 0.0) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, every: int = 1000, offset: float = 0.0) -> None:
+        stream = stream if stream is not None else sys.stderr
         self.total, self.stream, self.every, self.offset = total, stream, every, offset
         self.tty = stream.isatty()
 
