@@ -60,14 +60,14 @@ def test_same_seed_same_result_different_seed_different_result():
     assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
 
 
-class _Interrupt(Exception):
+class _StopTrainingError(Exception):
     pass
 
 
 def _stop_at(step):
     def callback(record):
         if record["step"] == step:
-            raise _Interrupt
+            raise _StopTrainingError
 
     return callback
 
@@ -79,7 +79,7 @@ def test_resume_is_bit_identical(tmp_path, target):
     reference = _flow()
     full = fit(reference, out=tmp_path / "a", **kwargs, **settings)
     interrupted = _flow()
-    with pytest.raises(_Interrupt):
+    with pytest.raises(_StopTrainingError):
         fit(interrupted, out=tmp_path / "b", callback=_stop_at(50), **kwargs, **settings)
     state = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
     assert state["step"] == 40 and state["history_length"] == 4

@@ -21,10 +21,20 @@ from flowprobe.data import TOY_SETS, load_data
 from flowprobe.distributions import Energy, load_energy
 from flowprobe.flow import Flow
 from flowprobe.metrics import gaussian_nll, kde_nll, log_partition, nll_per_dim, reverse_kl
+from flowprobe.plots import plot_density_comparison, plot_stages, plot_training_curve, save_figure
 from flowprobe.spec import build_flow
 from flowprobe.train import FitConfig, History, fit, split_data
 
-__all__ = ["CONFINED_NOTE", "REZENDE_CAPTION", "Target", "table_markdown", "rezende_table", "score", "train_and_score"]
+__all__ = [
+    "CONFINED_NOTE",
+    "REZENDE_CAPTION",
+    "Target",
+    "rezende_table",
+    "score",
+    "table_markdown",
+    "train_and_score",
+    "write_figures",
+]
 
 KL_SAMPLES = 100_000
 TEST_SEED_OFFSET = 1_000_003
@@ -96,6 +106,31 @@ class Target:
         if val is None:
             raise ValueError("no held-out points: this run used val_fraction 0 on a fixed data set")
         return "validation split", val
+
+
+def write_figures(flow: Flow, target: Target, records: list[dict], out: Path) -> list[str]:
+    """Write ``training.png`` and, for 2-D flows, ``density.png`` (target vs. flow density and samples)
+    and ``stages.png`` (source → after layer k → output, next to the data) into ``out``."""
+    log_z = target.log_z()
+    offset, ylabel = (log_z, "KL(q‖p) estimate (nats)") if log_z is not None else (0.0, "loss")
+    if target.kind == "data":
+        ylabel = "NLL (nats/dim)"
+    caption = f"\n{CONFINED_NOTE}" if target.name.lower() in ("u2", "u3", "u4") else ""
+    curve = plot_training_curve(records, offset, ylabel, f"Training: {target.name}")
+    paths = [save_figure(curve, out / "training.png")]
+    if flow.dim == 2:
+        data = target.data
+        if target.kind == "energy":
+            energy = target.energy
+            log_p = lambda x: -energy.energy(x) - log_z  # noqa: E731
+            comparison = plot_density_comparison(flow, log_p, bound=4.0, title=f"{target.name}{caption}")
+        else:
+            bound = float(data.abs().max()) * 1.05
+            comparison = plot_density_comparison(flow, data=data, bound=bound, title=f"{target.name}: data vs. flow")
+        paths.append(save_figure(comparison, out / "density.png"))
+        stages = plot_stages(flow, data=data, title="Source → after layer k → output")
+        paths.append(save_figure(stages, out / "stages.png"))
+    return [str(p) for p in paths]
 
 
 def score(flow: Flow, target: Target, config: FitConfig, samples: int = KL_SAMPLES) -> dict[str, Any]:

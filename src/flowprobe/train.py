@@ -1,6 +1,6 @@
 """Training: maximum likelihood on samples, or reverse KL to an unnormalised density.
 
-* ``fit(flow, data=x)`` minimises the negative log-likelihood ``−E_data[log q(x)]`` through the
+* ``fit(flow, data=x)`` minimises the negative log-likelihood ``−E_data[log q(x)]/dim`` through the
   flow's exact inverse, with a validation split, early stopping and the best weights restored.
 * ``fit(flow, energy=U)`` minimises the reverse KL up to a constant,
   ``E_{x~q}[log q(x) + U(x)] = KL(q‖p) − log Z`` for ``p = exp(−U)/Z`` (Rezende & Mohamed 2015,
@@ -113,7 +113,8 @@ class History:
     """What happened during :func:`fit`.
 
     Attributes:
-        records: One dict per ``log_every`` steps: ``step``, ``loss`` (mean over the interval),
+        records: One dict per ``log_every`` steps: ``step``, ``loss`` (mean over the interval; NLL in
+            nats/dim for data, ``E_q[log q + U]`` for an energy),
             ``lr``, ``grad_norm`` (last step) and, with validation data, ``val_nll`` (nats/dim).
         best_step: Step of the best validation NLL (data with a validation split), else ``None``.
         best_val_nll: That NLL.
@@ -422,7 +423,7 @@ class _Loop:
         a = self.anchor
         if self.train is not None:
             index = torch.randint(0, self.train.shape[0], (n,), generator=self.generator, device=a.device)
-            return -self.flow.log_prob(self.train[index]).mean()
+            return -self.flow.log_prob(self.train[index]).mean() / self.flow.dim
         z = torch.randn(n, self.flow.dim, generator=self.generator, device=a.device, dtype=a.dtype)
         x, logdet = self.flow(z)
         return (self.flow.base.log_prob(z) - logdet + self.energy.energy(x)).mean()  # type: ignore[union-attr]

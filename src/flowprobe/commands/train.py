@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from flowprobe.data import load_array
-from flowprobe.experiments import CONFINED_NOTE, REZENDE_CAPTION, Target, rezende_table, score, table_markdown
+from flowprobe.experiments import REZENDE_CAPTION, Target, rezende_table, score, table_markdown, write_figures
 from flowprobe.flow import Flow
 from flowprobe.metrics import nll_per_dim
-from flowprobe.plots import plot_density_comparison, plot_flow_grid, plot_stages, plot_training_curve, save_figure
+from flowprobe.plots import plot_flow_grid, save_figure
 from flowprobe.spec import build_flow, parse_spec
 from flowprobe.train import FitConfig, atomic_write, fit, load_weights, read_json, write_json
 
@@ -83,33 +83,6 @@ def _fit_config(settings: dict[str, Any]) -> FitConfig:
     return FitConfig(**{k: v for k, v in settings.items() if k in fields})
 
 
-def _figures(flow: Flow, target: Target, records: list[dict], out: Path) -> list[str]:
-    """Training curve, and for 2-D flows the density comparison, samples and stages."""
-    log_z = target.log_z()
-    offset, ylabel = (log_z, "KL(q‖p) estimate (nats)") if log_z is not None else (0.0, "loss")
-    if target.kind == "data":
-        ylabel = "NLL (nats/point)"
-    caption = f"\n{CONFINED_NOTE}" if target.name.lower() in ("u2", "u3", "u4") else ""
-    curve = plot_training_curve(records, offset, ylabel, f"Training: {target.name}")
-    paths = [save_figure(curve, out / "training.png")]
-    if flow.dim == 2:
-        if target.kind == "energy":
-            energy = target.energy
-            bound = 4.0
-            comparison = plot_density_comparison(
-                flow, lambda x: -energy.energy(x) - log_z, bound=bound, title=f"{target.name}{caption}"
-            )
-            data = None
-        else:
-            data = target.data
-            bound = float(data.abs().max()) * 1.05
-            comparison = plot_density_comparison(flow, data=data, bound=bound, title=f"{target.name}: data vs. flow")
-        paths.append(save_figure(comparison, out / "density.png"))
-        stages = plot_stages(flow, data=data, title="Source → after layer k → output")
-        paths.append(save_figure(stages, out / "stages.png"))
-    return [str(p) for p in paths]
-
-
 def _emit(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> None:
     if args.json:
         print(json.dumps(result))
@@ -164,7 +137,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     history = fit(flow, data=target.data, energy=target.energy, config=config, out=out, resume=bool(args.resume),
                   callback=progress, meta=meta)
     metrics = score(flow, target, config, samples=args.kl_samples)
-    figures = [] if args.no_plots else _figures(flow, target, history.records, out)
+    figures = [] if args.no_plots else write_figures(flow, target, history.records, out)
     result = {"out": str(out), "flow": spec, "target": target.name, **history.summary(), "metrics": metrics,
               "figures": figures}
     write_json(out / "results.json", result)
@@ -220,7 +193,7 @@ def _plot_command(args: argparse.Namespace) -> int:
     run = Path(args.run)
     flow, config, target = load_run(run)
     out = Path(args.out) if args.out else run
-    figures = _figures(flow, target, _read_history(run / "history.jsonl"), out)
+    figures = write_figures(flow, target, _read_history(run / "history.jsonl"), out)
     _emit(args, {"figures": figures}, [f"wrote {f}" for f in figures])
     return 0
 
