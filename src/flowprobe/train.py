@@ -366,8 +366,8 @@ class _Loop:
     def start_files(self, meta: dict[str, Any]) -> None:
         assert self.out is not None
         self.out.mkdir(parents=True, exist_ok=True)
-        stale = [*self.out.glob("checkpoint-*.safetensors"), _checkpoint_path(self.out), self.out / "history.jsonl"]
-        for path in stale:
+        stale = [*self.out.glob("checkpoint-*.safetensors"), _checkpoint_path(self.out)]
+        for path in stale + [self.out / name for name in ("history.jsonl", "weights.safetensors", "results.json")]:
             path.unlink(missing_ok=True)
         write_json(self.out / "config.json", meta | {"fit": self._settings()})
 
