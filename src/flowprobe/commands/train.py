@@ -133,7 +133,8 @@ def _fit_command(args: argparse.Namespace) -> int:
     flow = build_flow(spec, target.dim, DTYPES[dtype])
     meta = {"flow": spec, "dim": target.dim, "dtype": dtype, "target": target.to_json()}
     log_z = target.log_z()
-    progress = Progress(config.steps, offset=log_z or 0.0, every=config.log_every * max(1, config.steps // 20 // config.log_every))
+    every = config.log_every * max(1, config.steps // 20 // config.log_every)
+    progress = Progress(config.steps, offset=log_z or 0.0, every=every)
     history = fit(flow, data=target.data, energy=target.energy, config=config, out=out, resume=bool(args.resume),
                   callback=progress, meta=meta)
     metrics = score(flow, target, config, samples=args.kl_samples)
