@@ -74,9 +74,9 @@ class FitConfig:
 
     steps: int = 20_000
     lr: float = 5e-3
-    batch_size: int = 256
+    batch_size: int = 1024
     schedule: str = "cosine"
-    clip: float | None = 100.0
+    clip: float | None = 10.0
     val_fraction: float = 0.1
     patience: int | None = None
     log_every: int = 100
