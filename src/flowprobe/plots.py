@@ -190,7 +190,8 @@ def plot_flow_grid(
     title: str | None = None,
     caption: str | None = None,
 ) -> Figure:
-    """A grid of heat maps: one row per target (its density first), one column per flow setting.
+    """A grid of density heat maps (each with its colour bar): one row per target (its density
+    first), one column per flow setting.
 
     Args:
         rows: ``(name, normalised target log-density)`` per row.
@@ -210,12 +211,15 @@ def plot_flow_grid(
             flow, label = flows.get((row, col), (None, ""))
             panels.append((f"{col}\n{label}", flow_log_density(flow) if flow is not None else None))
         for ax, (label, fn) in zip(axes[i], panels, strict=True):
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ticks = [-lim, 0, lim]
+            ax.set_xticks(ticks if i == len(rows) - 1 else [])
+            ax.set_yticks(ticks if ax is axes[i][0] else [])
+            ax.tick_params(labelsize=7)
             ax.set_title(label, fontsize=8)
             if fn is not None:
                 _, density = density_grid(fn, bound, points)
-                ax.imshow(density.numpy(), origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma")
+                image = ax.imshow(density.numpy(), origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma")
+                fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
         axes[i][0].set_ylabel("$z_2$")
     for ax in axes[-1]:
         ax.set_xlabel("$z_1$")
