@@ -168,13 +168,14 @@ def train_and_score(
     config: FitConfig,
     out: Path | None = None,
     callback: Callable[[dict], None] | None = None,
+    samples: int = KL_SAMPLES,
 ) -> tuple[Flow, History, dict[str, Any]]:
-    """Build ``spec`` (seeded with ``config.seed``), fit it to ``target`` and score it."""
+    """Build ``spec`` (seeded with ``config.seed``), fit it to ``target`` and score it (``samples`` for KL)."""
     torch.manual_seed(config.seed)
     flow = build_flow(spec, target.dim)
     meta = {"flow": spec, "dim": target.dim, "target": target.to_json()}
     history = fit(flow, data=target.data, energy=target.energy, config=config, out=out, callback=callback, meta=meta)
-    return flow, history, score(flow, target, config)
+    return flow, history, score(flow, target, config, samples)
 
 
 def rezende_table(
@@ -183,8 +184,17 @@ def rezende_table(
     depths: Sequence[int] = (2, 8, 32),
     config: FitConfig | None = None,
     progress: Callable[[str], None] | None = None,
+    samples: int = KL_SAMPLES,
 ) -> tuple[list[dict[str, Any]], dict[tuple[str, str], tuple[Flow, str]]]:
     """Rezende & Mohamed's Figure 3: fit every ``family:K`` to every energy by reverse KL.
+
+    Args:
+        energies: Names of the energies (rows).
+        families: Layer families (planar with tanh).
+        depths: Numbers of layers ``K``.
+        config: Training settings (default :class:`FitConfig`).
+        progress: Called with one line per finished run.
+        samples: Monte-Carlo samples for each KL / ESS.
 
     Returns:
         ``(rows, flows)``: one row per run (energy, flow, K, KL, stderr, ESS, seconds) and the
@@ -197,7 +207,7 @@ def rezende_table(
         for family in families:
             for k in depths:
                 spec = f"{family}:{k}" + (":tanh" if family == "planar" else "")
-                flow, history, metrics = train_and_score(spec, target, config)
+                flow, history, metrics = train_and_score(spec, target, config, samples=samples)
                 row = {"energy": name, "flow": family, "K": k, "steps": history.steps_done, **metrics,
                        "seconds": history.seconds}
                 rows.append(row)

@@ -34,8 +34,11 @@ def _float64(flow: Flow) -> Flow:
 
 
 @torch.no_grad()
-def log_partition(energy: Energy, bound: float = 6.0, points: int = 1201) -> float:
+def log_partition(energy: Energy, bound: float = 6.0, points: int = 601) -> float:
     """``log ∫ exp(−U)`` over ``[−bound, bound]²`` by the midpoint rule with ``points²`` cells (float64).
+
+    The defaults (``[−6, 6]²``, cell width 0.02) agree with ``[−8, 8]²`` at width 0.01 to better
+    than 1e-6 for U1 and the confined U2–U4 (``tests/test_energies.py``).
 
     Raises:
         ValueError: the energy is not 2-D.
