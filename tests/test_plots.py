@@ -61,7 +61,8 @@ def test_rezende_table_and_grid(tmp_path):
     assert all(r["kl"] > 0 and 0 < r["ess_fraction"] <= 1 for r in rows)
     table = table_markdown(rows).splitlines()
     assert table[0] == "| energy | planar K=2 | radial K=2 |" and table[2].startswith("| U1 | ")
-    grid = [(name, lambda x, e=rezende_energy(name): -e.energy(x)) for name in ("U1", "U2")]
+    energies = {name: rezende_energy(name) for name in ("U1", "U2")}
+    grid = [(name, lambda x, e=energy: -e.energy(x)) for name, energy in energies.items()]
     fig = plot_flow_grid(grid, ["planar K=2", "radial K=2"], flows, points=40, caption="test")
     assert len(fig.axes) == 6 + 6  # panels + colour bars
     save_figure(fig, tmp_path / "g.png")
