@@ -73,6 +73,8 @@ class Target:
         """Load a target (``dim`` only matters for a user's energy file)."""
         if kind == "data":
             data = load_data(name, n, seed)
+            if name.lower().endswith((".npy", ".csv")):
+                name = str(Path(name).resolve())  # a resumed run may start elsewhere
             return cls("data", name, data.shape[1], data=data, n=n, seed=seed)
         if kind == "energy":
             energy = load_energy(name, dim)

@@ -226,7 +226,7 @@ def _rezende_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finite_positive(text: str) -> float:
+def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
@@ -245,11 +245,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--lr", type=_finite_positive, default=defaults.lr)
+    p.add_argument("--lr", type=_finite, default=defaults.lr)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--schedule", default=defaults.schedule, help="cosine or constant")
-    p.add_argument("--clip", type=_finite_positive, default=defaults.clip, help="max gradient norm (0: off)")
-    p.add_argument("--val-fraction", type=_finite_positive, default=defaults.val_fraction)
+    p.add_argument("--clip", type=_finite, default=defaults.clip, help="max gradient norm (0: off)")
+    p.add_argument("--val-fraction", type=_finite, default=defaults.val_fraction)
     p.add_argument("--patience", type=int, default=None, help="early stopping after this many worse validations")
     p.add_argument("--log-every", type=int, default=defaults.log_every)
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
