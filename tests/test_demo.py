@@ -3,6 +3,7 @@ import torch
 
 from flowprobe.demo import JOBS, exactness_checks
 from flowprobe.spec import build_flow, parse_spec
+from flowprobe.train import FitConfig
 
 
 def test_exactness_checks_of_a_flow():
@@ -13,6 +14,6 @@ def test_exactness_checks_of_a_flow():
 
 
 def test_demo_jobs_are_valid_and_short():
-    for _, spec, kind, _name, steps in JOBS:
+    for _, spec, kind, _name, settings in JOBS:
         parse_spec(spec)
-        assert kind in ("energy", "data") and steps <= 2000
+        assert kind in ("energy", "data") and FitConfig(**settings).steps <= 2000
