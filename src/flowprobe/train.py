@@ -366,6 +366,7 @@ class _Loop:
     def start_files(self, meta: dict[str, Any]) -> None:
         assert self.out is not None
         self.out.mkdir(parents=True, exist_ok=True)
+        self._remove_temporaries()
         stale = [*self.out.glob("checkpoint-*.safetensors"), _checkpoint_path(self.out)]
         for path in stale + [self.out / name for name in ("history.jsonl", "weights.safetensors", "results.json")]:
             path.unlink(missing_ok=True)
@@ -394,8 +395,15 @@ class _Loop:
         }
         _save_checkpoint(self.out, state, tensors)
 
+    def _remove_temporaries(self) -> None:
+        """Delete temporary files a killed run may have left half-written (never read by anyone)."""
+        assert self.out is not None
+        for path in self.out.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+
     def restore(self) -> None:
         assert self.out is not None
+        self._remove_temporaries()
         state, tensors = _load_checkpoint(self.out)
         if state["settings"] != self._settings():
             raise ValueError(f"cannot resume {self.out}: its settings differ from this call's ({state['settings']})")
