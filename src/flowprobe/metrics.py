@@ -96,11 +96,15 @@ def reverse_kl(flow: Flow, energy: Energy, log_z: float, n: int = 100_000, seed:
 
 @torch.no_grad()
 def nll_per_dim(flow: Flow, x: Tensor) -> float:
-    """Mean negative log-likelihood of ``x`` under ``flow``, in nats per dimension (float64)."""
-    flow = _float64(flow)
-    x = check_points(x, flow.dim, "x").to(torch.float64)
+    """Mean negative log-likelihood of ``x`` under ``flow``, in nats per dimension.
+
+    Evaluated in the flow's dtype (the inverses' Newton solves are much slower to converge to
+    float64 precision) and summed in float64.
+    """
+    anchor = next(flow.parameters())
+    x = check_points(x, flow.dim, "x").to(device=anchor.device, dtype=anchor.dtype)
     with validation(False):
-        total = sum(float(flow.log_prob(chunk).sum()) for chunk in x.split(CHUNK))
+        total = sum(float(flow.log_prob(chunk).double().sum()) for chunk in x.split(CHUNK))
     return -total / (x.shape[0] * flow.dim)
 
 
