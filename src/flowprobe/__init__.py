@@ -17,6 +17,8 @@ from flowprobe.layers import (
     Radial,
     Sylvester,
 )
+from flowprobe.spec import build_flow
+from flowprobe.train import fit
 from flowprobe.validation import set_validation, validation
 
 __version__ = "0.1.0"
@@ -36,6 +38,8 @@ __all__ = [
     "Radial",
     "StandardNormal",
     "Sylvester",
+    "build_flow",
+    "fit",
     "get_activation",
     "set_validation",
     "validation",

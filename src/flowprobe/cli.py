@@ -17,7 +17,12 @@ from flowprobe.layers.base import InverseNotAvailable
 __all__ = ["CliError", "main"]
 
 # Modules that contribute sub-commands (each defines ``add_commands``).
-COMMAND_MODULES = ("flowprobe.demo", "flowprobe.commands.approx1d", "flowprobe.commands.topology")
+COMMAND_MODULES = (
+    "flowprobe.demo",
+    "flowprobe.commands.train",
+    "flowprobe.commands.approx1d",
+    "flowprobe.commands.topology",
+)
 
 
 class CliError(Exception):

@@ -6,14 +6,28 @@ module's device and dtype with torch's global RNG (seed it with ``torch.manual_s
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from flowprobe.validation import check_points
 
-__all__ = ["DiagonalNormal", "Density", "GaussianMixture", "StandardNormal"]
+__all__ = [
+    "Confined",
+    "DiagonalNormal",
+    "Density",
+    "Energy",
+    "FunctionEnergy",
+    "GaussianMixture",
+    "RezendeEnergy",
+    "StandardNormal",
+    "load_energy",
+    "rezende_energy",
+]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -155,3 +169,171 @@ class GaussianMixture(Density):
         idx = torch.multinomial(self.log_weights.exp(), n, replacement=True)
         noise = self._noise(n).unsqueeze(-1)
         return self.means[idx] + (self.scale_tril[idx] @ noise).squeeze(-1)
+
+
+# -- unnormalised targets p(z) ∝ exp(−U(z)) for reverse-KL training --------------------------------
+
+
+class Energy(nn.Module):
+    """An energy ``U`` on ``R^dim``: the unnormalised target density is ``exp(−U(z))``.
+
+    Args:
+        dim: Dimension of the points.
+        name: Short name used in figures and reports.
+    """
+
+    def __init__(self, dim: int, name: str = "energy") -> None:
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        self.dim, self.name = dim, name
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``U(z)`` for points ``(N, dim)``, shape ``(N,)``."""
+        return self.energy(check_points(z, self.dim, "z"))
+
+    def energy(self, z: Tensor) -> Tensor:
+        """``U(z)`` without input validation."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, name={self.name!r}"
+
+
+def _gauss_log(t: Tensor, scale: float) -> Tensor:
+    return -0.5 * (t / scale) ** 2
+
+
+class RezendeEnergy(Energy):
+    r"""The 2-D test energies U1–U4 of Rezende & Mohamed (2015, Table 1), as written there.
+
+    With :math:`w_1 = \sin(2\pi z_1/4)`, :math:`w_2 = 3\exp(-\tfrac12((z_1-1)/0.6)^2)`,
+    :math:`w_3 = 3\sigma((z_1-1)/0.3)`:
+
+    * U1 = ½((‖z‖ − 2)/0.4)² − ln(exp(−½((z1 − 2)/0.6)²) + exp(−½((z1 + 2)/0.6)²))
+    * U2 = ½((z2 − w1)/0.4)²
+    * U3 = −ln(exp(−½((z2 − w1)/0.35)²) + exp(−½((z2 − w1 + w2)/0.35)²))
+    * U4 = −ln(exp(−½((z2 − w1)/0.4)²) + exp(−½((z2 − w1 + w3)/0.35)²))
+
+    U1 is normalisable. **U2–U4 are not**: nothing confines ``z1``, so ``∫exp(−U) = ∞`` and the
+    reverse-KL loss is unbounded below. Use :func:`rezende_energy` (which wraps them in
+    :class:`Confined`) for anything that needs a proper density. Log-sum-exps are evaluated
+    stably (no ``+1e-6`` inside the logs).
+
+    Args:
+        index: 1, 2, 3 or 4.
+
+    References:
+        D. J. Rezende, S. Mohamed. Variational Inference with Normalizing Flows. ICML 2015.
+    """
+
+    def __init__(self, index: int) -> None:
+        if index not in (1, 2, 3, 4):
+            raise ValueError(f"Rezende–Mohamed energies are U1..U4, got index {index!r}")
+        super().__init__(2, f"U{index}")
+        self.index = index
+
+    def energy(self, z: Tensor) -> Tensor:
+        z1, z2 = z[:, 0], z[:, 1]
+        if self.index == 1:
+            ring = 0.5 * ((z.norm(dim=-1) - 2) / 0.4) ** 2
+            return ring - torch.logaddexp(_gauss_log(z1 - 2, 0.6), _gauss_log(z1 + 2, 0.6))
+        w1 = torch.sin(2 * math.pi * z1 / 4)
+        if self.index == 2:
+            return 0.5 * ((z2 - w1) / 0.4) ** 2
+        if self.index == 3:
+            w2 = 3 * torch.exp(_gauss_log(z1 - 1, 0.6))
+            return -torch.logaddexp(_gauss_log(z2 - w1, 0.35), _gauss_log(z2 - w1 + w2, 0.35))
+        w3 = 3 * torch.sigmoid((z1 - 1) / 0.3)
+        return -torch.logaddexp(_gauss_log(z2 - w1, 0.4), _gauss_log(z2 - w1 + w3, 0.35))
+
+
+class Confined(Energy):
+    r"""An energy plus a smooth quadratic wall on one coordinate:
+    :math:`U(z) + \tfrac12\,(\max(|z_c| - a, 0)/s)^2`.
+
+    Inside ``[−a, a]`` nothing changes; outside, the density decays like a Gaussian of width
+    ``s``. The wall is continuously differentiable. It makes U2–U4 of Rezende & Mohamed
+    normalisable (they only confine ``z2``): with the defaults ``c = 0`` (``z1``), ``a = 4``,
+    ``s = 0.2`` the target is the paper's picture on ``(−4, 4)²`` with tails that vanish within
+    about one unit outside it.
+
+    Args:
+        base: The energy to confine.
+        coordinate: Index ``c`` of the confined coordinate.
+        bound: Half-width ``a`` of the free interval.
+        width: Length scale ``s`` of the wall.
+    """
+
+    def __init__(self, base: Energy, coordinate: int = 0, bound: float = 4.0, width: float = 0.2) -> None:
+        if not 0 <= coordinate < base.dim:
+            raise ValueError(f"coordinate must lie in [0, {base.dim}), got {coordinate}")
+        if not (bound > 0 and width > 0):
+            raise ValueError(f"bound and width must be positive, got {bound}, {width}")
+        super().__init__(base.dim, f"{base.name} (confined |z{coordinate + 1}|≤{bound:g})")
+        self.base, self.coordinate, self.bound, self.width = base, coordinate, float(bound), float(width)
+
+    def energy(self, z: Tensor) -> Tensor:
+        excess = torch.relu(z[:, self.coordinate].abs() - self.bound) / self.width
+        return self.base.energy(z) + 0.5 * excess * excess
+
+
+class FunctionEnergy(Energy):
+    """A user's function ``U(z)`` (tensor ``(N, dim)`` in, tensor ``(N,)`` out) as an :class:`Energy`."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], dim: int, name: str = "energy") -> None:
+        super().__init__(dim, name)
+        self.fn = fn
+
+    def energy(self, z: Tensor) -> Tensor:
+        return self.fn(z)
+
+
+def rezende_energy(name: str) -> Energy:
+    """``"U1"``–``"U4"`` (case-insensitive) as *proper* targets: U1 as written, U2–U4 wrapped in
+    :class:`Confined` (smooth wall outside ``|z1| ≤ 4``). Append ``-raw`` (``"U2-raw"``) for the
+    paper's improper formula."""
+    key = name.strip().lower()
+    raw = key.endswith("-raw")
+    key = key.removesuffix("-raw")
+    if key not in ("u1", "u2", "u3", "u4"):
+        raise ValueError(f"unknown energy {name!r}; expected U1, U2, U3 or U4 (or a file.py:function)")
+    energy = RezendeEnergy(int(key[1]))
+    return energy if raw or key == "u1" else Confined(energy)
+
+
+def load_energy(spec: str, dim: int = 2) -> Energy:
+    """An energy from a name (``U1``–``U4``, see :func:`rezende_energy`) or ``path/to/file.py:function``.
+
+    The file is imported on purpose: it is the user's own code. Its function must map a tensor
+    ``(N, dim)`` to a tensor ``(N,)`` of energies; this is checked on a small probe batch.
+
+    Raises:
+        ValueError / FileNotFoundError: unknown name, missing file or function, wrong output shape.
+    """
+    if ":" not in spec or not spec.rsplit(":", 1)[0].endswith(".py"):
+        return rezende_energy(spec)
+    path_text, function = spec.rsplit(":", 1)
+    path = Path(path_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"energy file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"flowprobe_user_energy_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+    try:
+        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as err:  # the user's file failed to import: report it in one line
+        raise ValueError(f"energy file {path} failed to import: {type(err).__name__}: {err}") from None
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ValueError(f"energy file {path} has no function {function!r}")
+    energy = FunctionEnergy(fn, dim, f"{path.name}:{function}")
+    probe = torch.zeros(3, dim)
+    try:
+        out = energy.energy(probe)
+    except Exception as err:
+        message = f"{type(err).__name__}: {err}"
+        raise ValueError(f"energy {path.name}:{function} failed on a (3, {dim}) tensor: {message}") from None
+    if not isinstance(out, Tensor) or out.shape != (3,):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"energy {path.name}:{function} must return a tensor of shape (N,), got {shape} for N=3")
+    return energy
