@@ -96,7 +96,7 @@ def _bad(tmp_path, moons_run):
         "unknown energy": ([*fit, "--flow", "planar:3", "--energy", "U9"], "unknown energy 'U9'"),
         "nan rows": ([*fit, "--flow", "planar:3", "--data", str(tmp_path / "nan.csv")], "NaN values in 1 row"),
         "no function": ([*fit, "--flow", "planar:3", "--energy", f"{tmp_path / 'energy.py'}:missing"],
-                        "has no function 'missing'"),
+                        "has no attribute 'missing'"),
         "wrong width": (["eval", str(moons_run), "--data", str(tmp_path / "wide.csv")], "has 3 columns, expected 2"),
         "bad lr": ([*fit, "--flow", "planar:3", "--data", "moons", "--lr", "-1"], "lr must be a positive"),
         "no run": (["eval", str(tmp_path / "nothing")], "run directory not found"),

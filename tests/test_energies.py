@@ -58,7 +58,7 @@ def test_user_energy_file(tmp_path):
     path.write_text("def quadratic(z):\n    return 0.5 * (z ** 2).sum(-1)\n\ndef broken(z):\n    return z\n")
     energy = load_energy(f"{path}:quadratic")
     assert log_partition(energy) == pytest.approx(math.log(2 * math.pi), abs=1e-8)
-    with pytest.raises(ValueError, match="has no function 'missing'"):
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
         load_energy(f"{path}:missing")
     with pytest.raises(ValueError, match="must return a tensor of shape \\(N,\\)"):
         load_energy(f"{path}:broken")

@@ -6,7 +6,6 @@ module's device and dtype with torch's global RNG (seed it with ``torch.manual_s
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from flowprobe.userfile import load_user_object
 from flowprobe.validation import check_points
 
 __all__ = [
@@ -313,19 +313,10 @@ def load_energy(spec: str, dim: int = 2) -> Energy:
     """
     if ":" not in spec or not spec.rsplit(":", 1)[0].endswith(".py"):
         return rezende_energy(spec)
-    path_text, function = spec.rsplit(":", 1)
-    path = Path(path_text)
-    if not path.is_file():
-        raise FileNotFoundError(f"energy file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location(f"flowprobe_user_energy_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
-    try:
-        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception as err:  # the user's file failed to import: report it in one line
-        raise ValueError(f"energy file {path} failed to import: {type(err).__name__}: {err}") from None
-    fn = getattr(module, function, None)
+    fn = load_user_object(spec)
+    path, function = Path(spec.rsplit(":", 1)[0]), spec.rsplit(":", 1)[1]
     if not callable(fn):
-        raise ValueError(f"energy file {path} has no function {function!r}")
+        raise ValueError(f"energy {spec!r} is not a function")
     energy = FunctionEnergy(fn, dim, f"{path.name}:{function}")
     probe = torch.zeros(3, dim)
     try:

@@ -158,7 +158,7 @@ def test_file_targets(tmp_path):
         parse_target(f"{path}:broken")
     with pytest.raises(ValueError, match="zero mass"):
         parse_target(f"{path}:empty")
-    with pytest.raises(ValueError, match="defines no"):
+    with pytest.raises(ValueError, match="has no attribute"):
         parse_target(f"{path}:missing")
 
 

@@ -14,7 +14,6 @@ returning one); the file is imported on purpose — it is the user's own code.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from flowprobe.flow import Flow
 from flowprobe.layers import Planar, Sylvester
 from flowprobe.plots import save_figure
 from flowprobe.theory import topology as tp
+from flowprobe.userfile import load_user_object
 
 __all__ = ["add_commands", "load_object"]
 
@@ -37,21 +37,7 @@ def load_object(spec: str) -> Any:
     Raises:
         CliError / FileNotFoundError: malformed spec, missing file or name, import failure.
     """
-    path_text, _, name = spec.rpartition(":")
-    if not path_text.endswith(".py") or not name:
-        raise CliError(f"expected path/to/file.py:name, got {spec!r}")
-    path = Path(path_text)
-    if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location(f"flowprobe_user_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
-    try:
-        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception as err:  # the user's file failed: one line, no traceback
-        raise CliError(f"{path} failed to import: {type(err).__name__}: {err}") from None
-    if not hasattr(module, name):
-        raise CliError(f"{path} has no attribute {name!r}")
-    obj = getattr(module, name)
+    obj = load_user_object(spec)
     if callable(obj) and not isinstance(obj, torch.nn.Module):
         obj = obj()
     return obj

@@ -15,14 +15,14 @@ Specs accepted by :func:`parse_target`:
 from __future__ import annotations
 
 import ast
-import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import integrate, special, stats
+
+from flowprobe.userfile import load_user_object
 
 __all__ = ["BUILTIN_TARGETS", "Target1D", "from_log_density", "from_scipy", "normal_mixture", "parse_target"]
 
@@ -250,16 +250,7 @@ def _from_scipy_spec(spec: str) -> Target1D:
 
 
 def _from_file_spec(spec: str) -> Target1D:
-    path_text, _, attr = spec.rpartition(":")
-    path = Path(path_text)
-    if not path.is_file():
-        raise FileNotFoundError(f"target file {path_text!r} not found")
-    module_spec = importlib.util.spec_from_file_location(f"flowprobe_target_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
-    module_spec.loader.exec_module(module)  # type: ignore[union-attr]  # the user's own code, on purpose
-    if not hasattr(module, attr):
-        raise ValueError(f"{path_text!r} defines no {attr!r}")
-    obj = getattr(module, attr)
+    obj = load_user_object(spec)
     if hasattr(obj, "dist") and hasattr(obj, "cdf"):
         return from_scipy(obj, spec)
     if callable(obj):
