@@ -685,21 +685,22 @@ def relu_impossibility(
     """Fit a ReLU Sylvester flow to a forbidden pair and report what training cannot remove.
 
     Training is :func:`flowprobe.fit` by maximum likelihood (forward KL) on ``train_samples`` fixed
-    draws of ``p`` (cosine schedule, no clipping, no validation split); ``TV(f#q, p)`` is estimated
-    every ``⌈steps/checkpoints⌉`` steps and at the end.
+    draws of ``p``, in ``checkpoints`` consecutive runs (each a fresh Adam with its own cosine decay,
+    i.e. warm restarts; chunk ``k`` uses seed ``checkpoints·seed + k``; no clipping, no validation
+    split), with ``TV(f#q, p)`` estimated after each. The restarts matter: on ``mixture`` (4 layers,
+    1500 steps) one cosine run stalls near TV 0.50 where three restarted chunks reach 0.24.
     """
     source, target = forbidden_pair(pair)
     flow = relu_demo_flow(seed, layers, source)
     data = target.sample(train_samples)
     done, tvs = [], []
-
-    def measure(record: dict[str, float]) -> None:
-        done.append(int(record["step"]))
-        with torch.no_grad():
-            tvs.append(monte_carlo_divergences(flow, target, samples)["tv"])
-
-    fit(flow, data=data, steps=steps, lr=lr, batch_size=batch, clip=None, val_fraction=0.0,
-        log_every=math.ceil(steps / checkpoints), seed=seed, callback=measure)
+    for k in range(checkpoints):
+        chunk = steps * (k + 1) // checkpoints - steps * k // checkpoints
+        if chunk:  # fewer steps than checkpoints: some chunks are empty
+            fit(flow, data=data, steps=chunk, lr=lr, batch_size=batch, clip=None, val_fraction=0.0, log_every=chunk,
+                seed=checkpoints * seed + k)
+        done.append(steps * (k + 1) // checkpoints)
+        tvs.append(monte_carlo_divergences(flow, target, samples)["tv"])
     z = off_kink_points(flow, points)
     residual = pointwise_residual(flow, z, target=target)
     return ImpossibilityRun(
