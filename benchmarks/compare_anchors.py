@@ -25,7 +25,6 @@ import argparse
 import ctypes
 import importlib.util
 import json
-import math
 import os
 import platform
 import resource
@@ -39,6 +38,8 @@ from dataclasses import dataclass
 import torch
 
 import flowprobe as fp
+from flowprobe.data import load_data
+from flowprobe.distributions import rezende_energy
 
 LIBRARIES = ("flowprobe", "normflows", "pyro")
 LR = 1e-3
@@ -47,22 +48,15 @@ BATCH_EVAL = 4096
 THREADS = int(os.environ.get("FLOWPROBE_BENCH_THREADS", "2"))
 
 
-# -- problems (explicit, independent of flowprobe.fit; switch to the library's energies after merging) --
-def u1_energy(x: torch.Tensor) -> torch.Tensor:
-    """Rezende & Mohamed's U1 (ring with two modes): target density ∝ exp(−U1)."""
-    ring = 0.5 * ((x.norm(dim=-1) - 2) / 0.4) ** 2
-    modes = torch.logsumexp(torch.stack([-0.5 * ((x[:, 0] - 2) / 0.6) ** 2, -0.5 * ((x[:, 0] + 2) / 0.6) ** 2]), 0)
-    return ring - modes
+# -- problems: the library's U1 energy and two-moons data, shared by every library's row --
+# U1 (Rezende & Mohamed 2015, ring with two modes), target ∝ exp(−U1); ``U1.energy`` is the unvalidated
+# formula, a plain function of a ``(N, 2)`` tensor that every library's samples go through.
+U1 = rezende_energy("U1")
 
 
-def two_moons(n: int, generator: torch.Generator, noise: float = 0.05) -> torch.Tensor:
-    """``n`` two-moons points (scikit-learn's construction, standardised)."""
-    t = math.pi * torch.rand(n, generator=generator)
-    upper = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(upper, torch.cos(t), 1 - torch.cos(t))
-    y = torch.where(upper, torch.sin(t), 0.5 - torch.sin(t))
-    pts = torch.stack([x, y], -1) + noise * torch.randn(n, 2, generator=generator)
-    return (pts - torch.tensor([0.5, 0.25])) / torch.tensor([0.87, 0.5])
+def two_moons(n: int) -> torch.Tensor:
+    """``n`` points of flowprobe's ``moons`` toy set (seed 0) in float32, the benchmark's dtype."""
+    return load_data("moons", n, seed=0).float()
 
 
 # -- adapters: one small class per library, same four operations --
@@ -239,7 +233,7 @@ def can_log_prob(lib: str, family: str) -> bool:
 def rkl_step(model: Model, opt: torch.optim.Optimizer, n: int) -> Callable[[], None]:
     def step():
         x, log_q = model.rsample_log_q(n)
-        loss = (log_q + u1_energy(x)).mean()
+        loss = (log_q + U1.energy(x)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -280,8 +274,8 @@ class Row:
             return "cannot"
         if kind == "rkl":
             return rkl_step(model, torch.optim.Adam(model.parameters(), lr=LR), self.per_call_n)
-        if kind == "ml":  # switch to the library's two-moons data and flowprobe.fit after merging feat-train
-            data = two_moons(20_000, torch.Generator().manual_seed(0))
+        if kind == "ml":  # an explicit loop, not flowprobe.fit: every library runs the same steps
+            data = two_moons(20_000)
             return ml_step(model, torch.optim.Adam(model.parameters(), lr=LR), data, self.per_call_n)
         if kind == "log_prob":
             x = sample_data(model, self.per_call_n)
@@ -437,7 +431,7 @@ def memory_child(lib: str, family: str, k: int, n: int, measure: str) -> None:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     before = _malloc_in_use()
     x, log_q = model.rsample_log_q(n)
-    loss = (log_q + u1_energy(x)).mean()
+    loss = (log_q + U1.energy(x)).mean()
     peak = [_malloc_in_use()]
     if measure == "malloc_peak_bytes":
         _sample_during_backward(loss, peak)

@@ -2,8 +2,9 @@
 
 Part 1: exact TV of the construction against n ∈ {4, 10, 25, 50, 100, 300, 1000} for every built-in
 target, with the fitted log-log slope. Part 2: for a few targets, ReLU planar and tanh planar flows
-of the same depths trained by maximum likelihood (Adam, fixed seed; ``approx1d.train_mle`` is a
-stand-in for ``flowprobe.fit``), TV of the trained flow on a fine grid, beside the construction.
+of the same depths trained by maximum likelihood (``flowprobe.fit``: Adam at a constant learning
+rate, no clipping, no validation split, fixed seed), TV of the trained flow on a fine grid, beside
+the construction.
 
     PYTHONPATH=src python examples/approx1d_convergence.py [--quick] [--json out.json]
 """
@@ -15,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from flowprobe import Flow, Planar, StandardNormal
-from flowprobe.theory.approx1d import PiecewiseLinearMap, construct, convergence_study, loglog_slope, train_mle
+from flowprobe import Flow, Planar, StandardNormal, fit
+from flowprobe.theory.approx1d import PiecewiseLinearMap, construct, convergence_study, loglog_slope
 from flowprobe.theory.targets1d import BUILTIN_TARGETS, parse_target
 from flowprobe.theory.tv import tv_quadrature
 
@@ -34,7 +35,8 @@ def trained_flow(target, n, activation, steps, seed=0):
             layer.u.mul_(0.01)
             layer.b.copy_(-layer.w[0] * float(rng.uniform(lo, hi)))
     flow = Flow(StandardNormal(1).double(), layers)
-    train_mle(flow, data, steps=steps, lr=1e-2, batch=512, seed=seed)
+    fit(flow, data=data, steps=steps, lr=1e-2, batch_size=512, schedule="constant", clip=None, val_fraction=0.0,
+        log_every=steps, seed=seed)
     return flow
 
 

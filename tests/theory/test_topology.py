@@ -153,15 +153,16 @@ def test_isotropic_floor_is_attained_and_monte_carlo_agrees():
     assert tp.isotropic_floor(dim, 3, scale) == (0.0, 0.0)
 
 
-def test_fit_flow_reaches_the_isotropic_target_at_full_neuron_count():
+def test_fit_on_target_energy_reaches_the_isotropic_target_at_full_neuron_count():
     torch.manual_seed(1)
     flow = fp.Flow(fp.StandardNormal(2), tp.sylvester_stack(2, 2)).to(F64)
     target = fp.DiagonalNormal(torch.zeros(2, dtype=F64), torch.full((2,), 1.5, dtype=F64))
-    losses = tp.fit_flow(flow, target, steps=150, lr=5e-2, batch=128)
+    energy = tp.target_energy(target, 2)
+    x = target.sample(5)
+    assert torch.equal(energy(x), -target.log_prob(x))
+    history = fp.fit(flow, energy=energy, steps=150, lr=5e-2, batch_size=128, clip=None, log_every=1)
     reached = tp.monte_carlo_divergences(flow, target, 20_000)
-    assert losses[0] > 0.1 and reached["kl"].value < 5e-3 and reached["tv"].value < 0.03
-    with pytest.raises(ValueError, match="unknown objective"):
-        tp.fit_flow(flow, target, steps=1, objective="both")
+    assert history.records[0]["loss"] > 0.1 and reached["kl"].value < 5e-3 and reached["tv"].value < 0.03
 
 
 def relu_flow(seed, layers=3):

@@ -59,7 +59,6 @@ __all__ = [
     "loglog_slope",
     "plot_approximation",
     "plot_pieces",
-    "train_mle",
     "two_layer_example",
 ]
 
@@ -525,35 +524,6 @@ def convergence_study(
         results.append(row)
     slope = loglog_slope([r["layers"] for r in results], [r["tv"] for r in results]) if len(results) > 1 else None
     return {"target": target.name, "results": results, "slope": slope}
-
-
-def train_mle(
-    flow: Flow, data: torch.Tensor, steps: int = 2000, lr: float = 1e-2, batch: int = 512, seed: int = 0,
-) -> list[float]:
-    """Maximum-likelihood training by Adam on ``−mean log q(x)`` (minimal stand-in for ``flowprobe.fit``).
-
-    Args:
-        flow: The flow to train (in place).
-        data: Samples of the target, shape ``(N, dim)``, the flow's dtype.
-        steps: Adam steps.
-        lr: Learning rate.
-        batch: Mini-batch size.
-        seed: Seed of the mini-batch order.
-
-    Returns:
-        The mini-batch losses.
-    """
-    generator = torch.Generator(device=data.device).manual_seed(seed)
-    optimiser = torch.optim.Adam(flow.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(data.shape[0], (batch,), generator=generator, device=data.device)
-        loss = -flow.log_prob(data[idx]).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-    return losses
 
 
 # --------------------------------------------------------------------------------------------
