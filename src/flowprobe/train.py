@@ -73,7 +73,7 @@ class FitConfig:
     """
 
     steps: int = 20_000
-    lr: float = 5e-3
+    lr: float = 3e-3
     batch_size: int = 1024
     schedule: str = "cosine"
     clip: float | None = 10.0
