@@ -146,3 +146,16 @@ def test_cosine_schedule():
     assert config.lr_at(0) == 1e-2
     assert config.lr_at(50) == pytest.approx(5e-3)
     assert config.lr_at(100) == pytest.approx(0.0)
+
+
+def test_annealing_scales_the_energy_term():
+    """With anneal, step t minimises E_q[log q + β_t U], β_t = min(1, 0.01 + t/anneal)."""
+    energy = rezende_energy("U1")
+    shifted = type("Shifted", (), {"dim": 2, "energy": lambda self, x: energy.energy(x) + 100.0})()
+    plain = fit(_flow(), energy=shifted, steps=1, log_every=1, lr=1e-12, seed=3, anneal=0)
+    annealed = fit(_flow(), energy=shifted, steps=1, log_every=1, lr=1e-12, seed=3, anneal=0.5)
+    # same flow and noise at step 0: the losses differ by (1 − 0.01)·E_q[U] = 0.99·(100 + E_q[U1])
+    mean_u1 = float(energy.energy(_flow().sample(100_000)).mean())
+    assert plain.final_loss - annealed.final_loss == pytest.approx(0.99 * (100 + mean_u1), rel=0.02)
+    with pytest.raises(ValueError, match="anneal must be a share of the steps"):
+        FitConfig(anneal=1.5)

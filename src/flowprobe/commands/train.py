@@ -128,6 +128,7 @@ def _fit_command(args: argparse.Namespace) -> int:
             steps=args.steps, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
             clip=args.clip if args.clip > 0 else None, val_fraction=args.val_fraction if kind == "data" else 0.0,
             patience=args.patience, log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+            anneal=args.anneal,
         )
     torch.manual_seed(config.seed)
     flow = build_flow(spec, target.dim, DTYPES[dtype])
@@ -254,6 +255,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, default=defaults.log_every)
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anneal", type=_finite, default=defaults.anneal,
+                   help="reverse KL: share of the steps for the inverse-temperature warm-up 0.01 → 1 (0: off)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--kl-samples", type=int, default=100_000, help="samples for the final KL / ESS")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
