@@ -29,13 +29,13 @@ from flowprobe.validation import validation
 __all__ = ["add_commands", "exactness_checks", "run_demo"]
 
 JOBS = (  # (directory, flow spec, target kind, target name, settings); ~1 min of training on 2 cores
-    ("u1", "planar:16:tanh", "energy", "U1", {"steps": 1500}),
-    ("moons", "planar:16:tanh", "data", "moons", {"steps": 1000, "batch_size": 256}),  # MLE pays per point
+    ("u1", "planar:32:tanh", "energy", "U1", {"steps": 6000}),
+    ("moons", "planar:32:tanh", "data", "moons", {"steps": 3000, "batch_size": 256}),  # MLE pays per point
 )
 
 
 @torch.no_grad()
-def exactness_checks(flow: Flow, bound: float = 8.0, points: int = 201) -> dict[str, Any]:
+def exactness_checks(flow: Flow, bound: float = 8.0, points: int = 401) -> dict[str, Any]:
     """In float64: ``log q`` of 5 samples from the forward log-det and through the inverses, and the
     mass of ``q`` on ``[−bound, bound]²`` (midpoint rule, ``points²`` cells)."""
     flow = copy.deepcopy(flow).double()
