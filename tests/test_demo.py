@@ -16,4 +16,4 @@ def test_exactness_checks_of_a_flow():
 def test_demo_jobs_are_valid_and_short():
     for _, spec, kind, _name, settings in JOBS:
         parse_spec(spec)
-        assert kind in ("energy", "data") and FitConfig(**settings).steps <= 2000
+        assert kind in ("energy", "data") and FitConfig(**settings).steps <= 6000
