@@ -21,3 +21,12 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
