@@ -227,26 +227,27 @@ class GeneralSylvester(FlowLayer):
         target = vecmat(x, p["B"]) + p["b"]
         eye = torch.eye(self.hidden, dtype=x.dtype, device=x.device)
 
-        def residual(t: Tensor, k: Tensor) -> Tensor:
-            return t + vecmat(self.act.fn(t), k.transpose(-1, -2)) - target
+        def residual(t: Tensor, k: Tensor, s: Tensor) -> Tensor:  # F(t) = t + K h(t) − s
+            return t + vecmat(self.act.fn(t), k.transpose(-1, -2)) - s
 
         with torch.no_grad():
             k, s = coupling.detach(), target.detach()
             t = s.clone()
-            tol = 8 * torch.finfo(x.dtype).eps
-            for _ in range(self.max_iterations):
-                res = t + vecmat(self.act.fn(t), k.transpose(-1, -2)) - s
+            res = residual(t, k, s)
+            tol = 8 * torch.finfo(x.dtype).eps * (1 + s.norm(dim=-1))
+            for _ in range(self.max_iterations):  # Newton, or the contraction step where it does better
                 jac = eye + k * self.act.derivative(t).unsqueeze(-2)
                 newton = t - torch.linalg.solve(jac, res.unsqueeze(-1)).squeeze(-1)
-                fixed = s - vecmat(self.act.fn(t), k.transpose(-1, -2))
-                res_newton = (newton + vecmat(self.act.fn(newton), k.transpose(-1, -2)) - s).norm(dim=-1)
-                res_fixed = (fixed + vecmat(self.act.fn(fixed), k.transpose(-1, -2)) - s).norm(dim=-1)
-                t = torch.where((res_newton <= res_fixed).unsqueeze(-1), newton, fixed)
-                if not bool((torch.minimum(res_newton, res_fixed) > tol * (1 + s.norm(dim=-1))).any()):
+                fixed = t - res
+                res_newton, res_fixed = residual(newton, k, s), residual(fixed, k, s)
+                take_newton = (res_newton.norm(dim=-1) <= res_fixed.norm(dim=-1)).unsqueeze(-1)
+                t = torch.where(take_newton, newton, fixed)
+                res = torch.where(take_newton, res_newton, res_fixed)
+                if not bool((res.norm(dim=-1) > tol).any()):
                     break
         if torch.is_grad_enabled():  # one implicit-function step (value unchanged, exact gradients)
             jac = (eye + coupling * self.act.derivative(t).unsqueeze(-2)).detach()
-            t = t - torch.linalg.solve(jac, residual(t, coupling).unsqueeze(-1)).squeeze(-1)
+            t = t - torch.linalg.solve(jac, residual(t, coupling, target).unsqueeze(-1)).squeeze(-1)
         z = x - vecmat(self.act.fn(t), p["A"].transpose(-1, -2))
         return z, -self._log_abs_det(t, coupling)
 
