@@ -159,22 +159,8 @@ def test_fit_on_target_energy_reaches_the_isotropic_target_at_full_neuron_count(
     assert history.records[0]["loss"] > 0.1 and reached["kl"].value < 5e-3 and reached["tv"].value < 0.03
 
 
-def relu_flow(seed, layers=3):
-    """A 4-peak mixture pushed through random ReLU VdB Sylvester layers (theory.md §2.3(c))."""
-    torch.manual_seed(seed)
-    means = torch.tensor([[1.2, 0.0], [-1.2, 0.0], [0.0, 1.2], [0.0, -1.2]], dtype=F64)
-    source = fp.GaussianMixture(means, torch.full((4,), 0.25, dtype=F64))
-    flow = fp.Flow(source, [fp.Sylvester(2, activation="relu") for _ in range(layers)]).to(F64)
-    with torch.no_grad():
-        for layer in flow.layers:
-            layer.b.normal_(0, 0.5)
-            layer.d1.normal_()
-            layer.d2.normal_()
-    return flow
-
-
 def test_relu_local_linear_map_matches_autograd():
-    flow = relu_flow(0)
+    flow = tp.relu_demo_flow(0)
     z = flow.base.sample(20)
     c, margin = tp.local_linear_map(flow, z)
     for i in range(20):
@@ -187,7 +173,7 @@ def test_relu_local_linear_map_matches_autograd():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_relu_pointwise_residual_vanishes_off_kinks(seed):
-    flow = relu_flow(seed)
+    flow = tp.relu_demo_flow(seed)
     z = flow.base.sample(1200)
     _, margin = tp.local_linear_map(flow, z)
     z = z[margin > 1e-6][:1000]
@@ -197,7 +183,7 @@ def test_relu_pointwise_residual_vanishes_off_kinks(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_relu_modes_map_to_modes_with_peak_height_relation(seed):
-    flow = relu_flow(seed)
+    flow = tp.relu_demo_flow(seed)
     modes = tp.find_modes(flow.base, flow.base.means)
     assert modes.shape[0] == 4
     for image in tp.mode_images(flow, modes):
@@ -208,7 +194,7 @@ def test_relu_modes_map_to_modes_with_peak_height_relation(seed):
 
 
 def test_relu_residual_is_large_for_a_forbidden_target():
-    flow = relu_flow(0)
+    flow = tp.relu_demo_flow(0)
     means = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], dtype=F64)
     target = fp.GaussianMixture(means, torch.full((4,), 0.3, dtype=F64), torch.tensor([0.35, 0.35, 0.15, 0.15]))
     residual = tp.pointwise_residual(flow, flow.base.sample(300), target=target)
