@@ -150,6 +150,16 @@ def test_bad_inputs_get_a_one_line_error_naming_the_problem(bad, message):
         assert "\n" not in str(err.value)
 
 
+def test_validation_accepts_finite_values_whose_sum_overflows():
+    big = torch.full((4, 2), 3e38)  # finite in float32, but the sum is inf: the fast check must not decide
+    flow = fp.Flow(fp.StandardNormal(2), [fp.Planar(2)])
+    assert flow.base.log_prob(big).shape == (4,)
+    with pytest.raises(ValueError, match="NaN values in 1 row"):
+        flow.base.log_prob(torch.cat([big, torch.tensor([[math.nan, -math.inf]])]))
+    with pytest.raises(ValueError, match="inf values in 1 row"):
+        flow.base.log_prob(torch.cat([big, torch.tensor([[1.0, -math.inf]])]))
+
+
 def test_validation_can_be_switched_off_for_hot_loops():
     layer = fp.Planar(2)
     with fp.validation(False):

@@ -1,6 +1,7 @@
 """The fused evaluation of same-family runs equals the layer-by-layer path (flowprobe.layers.fused)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ TOL = 1e-12
 FAMILIES = {
     "planar-tanh": lambda d, i: fp.Planar(d, "tanh"),
     "planar-sigmoid": lambda d, i: fp.Planar(d, "sigmoid"),
+    "planar-arctan": lambda d, i: fp.Planar(d, "arctan"),
+    "planar-softplus": lambda d, i: fp.Planar(d, "softplus"),
+    "planar-elu": lambda d, i: fp.Planar(d, "elu"),
     "planar-leaky_relu": lambda d, i: fp.Planar(d, "leaky_relu"),
     "radial": lambda d, i: fp.Radial(d),
     "householder": lambda d, i: fp.Householder(d, reflections=3),
@@ -122,6 +126,25 @@ def test_amortised_parameters_fall_back_to_the_layers():
     torch.testing.assert_close(ld_given, ld, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_newton_budget_reaches_rounding_in_every_alpha_bin(dtype):
+    """Every bin's budget solves s + α tanh(s) = c to rounding (one iteration fewer misses by ≥ 100×)."""
+    s_true = torch.linspace(-14, 14, 2001, dtype=torch.float64)
+    eps = torch.finfo(dtype).eps
+    for low, high, steps in fused.NEWTON_BUDGETS[dtype]:
+        for alpha in torch.linspace(max(low, -0.95), high, 41, dtype=torch.float64).tolist():
+            budget = fused._newton_budget(alpha, dtype)  # this bin's or a smaller inner bin's
+            assert budget <= steps
+            c = (s_true + alpha * torch.tanh(s_true)).to(dtype)
+            exact, root = torch.empty_like(c, dtype=torch.float64), torch.empty_like(c)
+            one_plus = torch.tensor(1 + alpha, dtype=torch.float64)
+            fused._tanh_newton(c.double(), alpha, one_plus, 12, exact, torch.empty_like(exact))
+            fused._tanh_newton(c, alpha, one_plus.to(dtype), budget, root, torch.empty_like(c))
+            condition = (1 + abs(alpha)) / min(1.0, 1 + alpha)
+            error = ((root.double() - exact).abs() / (1 + exact.abs())).max()
+            assert error <= 2 * eps * condition, (alpha, float(error))
+
+
 def test_planar_inverse_falls_back_when_the_newton_budget_is_too_small(monkeypatch):
     flow = make_flow("planar-tanh", dim=2, k=4)
     x = flow(torch.randn(50, 2, dtype=torch.float64))[0].detach()
@@ -135,7 +158,8 @@ def test_planar_inverse_falls_back_when_the_newton_budget_is_too_small(monkeypat
     with torch.no_grad():
         z_ok, ld_ok = flow.inverse(x)
     assert not calls  # the fixed Newton budget passed its check
-    monkeypatch.setitem(fused.NEWTON_STEPS, torch.float64, 1)  # now the check fails: safeguarded solver
+    # now the check fails: safeguarded solver
+    monkeypatch.setitem(fused.NEWTON_BUDGETS, torch.float64, ((-1.0, math.inf, 1),))
     with torch.no_grad():
         z_fb, ld_fb = flow.inverse(x)
     assert len(calls) == 4
@@ -242,7 +266,7 @@ def test_planar_inverse_gradients_survive_the_fallback(monkeypatch):
         return fp.layers.scalar.solve_scalar(*args)
 
     monkeypatch.setattr(fused, "solve_scalar", counting_solver)
-    monkeypatch.setitem(fused.NEWTON_STEPS, torch.float64, 1)  # the check fails: safeguarded solver
+    monkeypatch.setitem(fused.NEWTON_BUDGETS, torch.float64, ((-1.0, math.inf, 1),))  # check fails: safeguarded
     out_f, ld_f, grads_f = evaluate(flow, "inverse", x, fusion=True)
     assert len(calls) == 4
     torch.testing.assert_close(out_f, out_l, atol=TOL, rtol=0)

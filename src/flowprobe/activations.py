@@ -31,13 +31,18 @@ class Activation:
         name: Registry name.
         fn: ``h``.
         derivative: ``h'``.
+        second_derivative: ``h''`` (zero on the pieces of a piecewise-linear ``h``); the analytic
+            backward of fused layer runs differentiates log-determinants ``log(1 + α h')`` with it.
         sup_derivative: ``sup_t h'(t)``; invertibility bounds are ``−1 / sup h'``.
         kink_slopes: ``(left, right)`` slopes at 0 for piecewise-linear activations, else ``None``.
+
+    ``derivative`` and ``second_derivative`` return new tensors (fused runs work on them in place).
     """
 
     name: str
     fn: Callable[[Tensor], Tensor]
     derivative: Callable[[Tensor], Tensor]
+    second_derivative: Callable[[Tensor], Tensor]
     sup_derivative: float
     kink_slopes: tuple[float, float] | None = None
 
@@ -57,25 +62,47 @@ def _softplus(t: Tensor) -> Tensor:
     return torch.logaddexp(t, torch.zeros_like(t))
 
 
+def _tanh_second(t: Tensor) -> Tensor:
+    y = torch.tanh(t)
+    return y.square().sub_(1).mul_(y).mul_(2)  # −2 tanh (1 − tanh²)
+
+
+def _sigmoid_derivative(t: Tensor) -> Tensor:
+    return torch.sigmoid(t) * torch.sigmoid(-t)
+
+
+def _sigmoid_second(t: Tensor) -> Tensor:
+    y = torch.sigmoid(t)
+    return _sigmoid_derivative(t).mul_(1 - 2 * y)  # σ(1 − σ)(1 − 2σ)
+
+
+def _arctan_second(t: Tensor) -> Tensor:
+    return t * (-2 / (1 + t * t).square())  # −2t/(1 + t²)²
+
+
+def _elu_derivative(t: Tensor) -> Tensor:
+    return torch.where(t > 0, torch.ones_like(t), torch.exp(t.clamp_max(0)))
+
+
+def _elu_second(t: Tensor) -> Tensor:
+    return torch.where(t > 0, torch.zeros_like(t), torch.exp(t.clamp_max(0)))
+
+
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("tanh", torch.tanh, lambda t: 1 - torch.tanh(t) ** 2, 1.0),
-        Activation(
-            "sigmoid",
-            torch.sigmoid,
-            lambda t: torch.sigmoid(t) * torch.sigmoid(-t),
-            0.25,
-        ),
-        Activation("arctan", torch.atan, lambda t: 1 / (1 + t * t), 1.0),
-        Activation("softplus", _softplus, torch.sigmoid, 1.0),
-        Activation("elu", F.elu, lambda t: torch.where(t > 0, torch.ones_like(t), torch.exp(t.clamp_max(0))), 1.0),
-        Activation("identity", lambda t: t, torch.ones_like, 1.0, (1.0, 1.0)),
-        Activation("relu", torch.relu, lambda t: _leaky_slope(t, 0.0), 1.0, (0.0, 1.0)),
+        Activation("tanh", torch.tanh, lambda t: 1 - torch.tanh(t) ** 2, _tanh_second, 1.0),
+        Activation("sigmoid", torch.sigmoid, _sigmoid_derivative, _sigmoid_second, 0.25),
+        Activation("arctan", torch.atan, lambda t: 1 / (1 + t * t), _arctan_second, 1.0),
+        Activation("softplus", _softplus, torch.sigmoid, _sigmoid_derivative, 1.0),
+        Activation("elu", F.elu, _elu_derivative, _elu_second, 1.0),
+        Activation("identity", lambda t: t, torch.ones_like, torch.zeros_like, 1.0, (1.0, 1.0)),
+        Activation("relu", torch.relu, lambda t: _leaky_slope(t, 0.0), torch.zeros_like, 1.0, (0.0, 1.0)),
         Activation(
             "leaky_relu",
             lambda t: F.leaky_relu(t, LEAKY_SLOPE),
             lambda t: _leaky_slope(t, LEAKY_SLOPE),
+            torch.zeros_like,
             1.0,
             (LEAKY_SLOPE, 1.0),
         ),

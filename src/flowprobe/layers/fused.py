@@ -21,8 +21,8 @@ On the stacked parameters, a run is evaluated with:
   safeguarded solver when the check fails); with autograd the inverse run is one Function too, its
   backward the implicit-function gradients in five ops per layer;
 * **radial**: one autograd Function for the whole run with an analytic backward (the forward keeps
-  each layer's ``z − z0`` and radius; five ops per layer each way, everything else batched over
-  the run);
+  each layer's ``z − z0`` and radius; five ops and two passes over the points per layer each way,
+  everything else batched over the run);
 * **Householder**: the product of all reflections of the run as one ``d × d`` matrix (built for
   the ``K`` layers at once), applied with one matrix product; the inverse uses its transpose;
 * **Sylvester**: the products ``QR`` and ``QR̃ᵀ`` precomputed for the run, two matrix products
@@ -69,9 +69,15 @@ __all__ = [
 
 FUSABLE = (Planar, Radial, Sylvester, GeneralSylvester, Householder)
 PER_LAYER_ATTRIBUTES = ("flip",)  # configuration that may differ inside a run (triangular Sylvester)
-NEWTON_STEPS = {torch.float64: 5, torch.float32: 4}  # tanh layers with α ∈ [−0.9, 6] (see _tanh_newton)
-NEWTON_STEPS_OTHER = 5
-NEWTON_EXTRA_STEPS = 2  # for α outside [−0.9, 6]
+# Newton iterations of a tanh layer's inverse by ``α = wᵀû``: ``(low, high, steps)`` bins, the first
+# that holds α applies; the fewest iterations that reach rounding from the hard-tanh start for every
+# α in the bin (see _tanh_newton; checked on a fine α grid in tests/test_fused.py). Other dtypes use
+# the float64 table.
+NEWTON_BUDGETS = {
+    torch.float64: ((-0.02, 0.02, 2), (-0.3, 0.3, 3), (-0.5, 1.0, 4), (-0.9, 6.0, 5), (-1.0, 10.0, 6)),
+    torch.float32: ((-0.01, 0.01, 1), (-0.25, 0.3, 2), (-0.7, 2.0, 3), (-0.9, 6.0, 4), (-1.0, 10.0, 5)),
+}
+NEWTON_EXTRA_STEPS = 2  # beyond the last bin (α > 10): its budget plus these, then the check decides
 
 _ENABLED = True
 
@@ -213,51 +219,52 @@ class _PlanarRun(torch.autograd.Function):
         inputs = z.new_empty(k, n, d)
         inputs[0] = z
         pre = z.new_empty(k, n)
-        hidden = []
         us, ws, bs = u.unbind(0), w.unbind(0), b.unbind(0)
-        x = z
         for i in range(k):
             torch.addmv(bs[i], inputs[i], ws[i], out=pre[i])
-            h = act.fn(pre[i])
-            hidden.append(h)
-            if i + 1 < k:
-                x = torch.addr(inputs[i], h, us[i], out=inputs[i + 1])
-            else:
-                x = torch.addr(inputs[i], h, us[i])
-        logdet = torch.log1p(wu.unsqueeze(-1) * act.derivative(pre)).sum(0)
-        ctx.save_for_backward(inputs, pre, torch.stack(hidden), u, w, wu)
+            x = torch.addr(inputs[i], act.fn(pre[i]), us[i], out=inputs[i + 1] if i + 1 < k else None)
+        ctx.save_for_backward(inputs, pre, u, w, wu)
         ctx.act = act
-        return x, logdet
+        return x, _planar_logdet(pre, wu, act)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_x: Tensor, grad_logdet: Tensor) -> tuple:
-        inputs, pre, hidden, u, w, wu = ctx.saved_tensors
-        k = u.shape[0]
-        with torch.enable_grad():
-            pre_ = pre.detach().requires_grad_(True)
-            wu_ = wu.detach().requires_grad_(True)
-            slope = ctx.act.derivative(pre_)
-            terms = torch.log1p(wu_.unsqueeze(-1) * slope)
-            d_pre_logdet, grad_wu = torch.autograd.grad(
-                terms, (pre_, wu_), grad_logdet.expand_as(terms), allow_unused=True, materialize_grads=True
-            )
-        slope = slope.detach()
-        d_pre = torch.empty_like(pre)
+        inputs, pre, u, w, wu = ctx.saved_tensors
+        slope, _, d_pre, grad_wu = _logdet_grads(pre, wu, grad_logdet, ctx.act)
+        hidden = ctx.act.fn(pre)
         grad_u, grad_w = torch.empty_like(u), torch.empty_like(w)
         us, ws = u.unbind(0), w.unbind(0)
         g = grad_x  # ∂L/∂(output of layer i); no (K, N, d) buffer, so the peak stays at the saved tensors
-        for i in range(k - 1, -1, -1):
-            torch.addcmul(d_pre_logdet[i], slope[i], torch.mv(g, us[i]), out=d_pre[i])
+        for i in range(u.shape[0] - 1, -1, -1):
+            torch.addcmul(d_pre[i], slope[i], torch.mv(g, us[i]), out=d_pre[i])  # ∂L/∂pre_i, in place
             torch.mv(g.t(), hidden[i], out=grad_u[i])
             torch.mv(inputs[i].t(), d_pre[i], out=grad_w[i])
             g = torch.addr(g, d_pre[i], ws[i])
-        grad_z = g
-        return grad_z, grad_u, grad_w, d_pre.sum(1), grad_wu, None
+        return g, grad_u, grad_w, d_pre.sum(1), grad_wu, None
+
+
+def _logdet_grads(pre: Tensor, wu: Tensor, grad_logdet: Tensor, act: Activation) -> tuple[Tensor, ...]:
+    """The pieces of the gradient of ``Σ_k λ log D_k``, ``D_k = 1 + α_k h'(pre_k)``, ``λ = grad_logdet``.
+
+    Returns:
+        ``h'(pre)``, ``1/D`` and ``∂/∂pre = λ α h''(pre)/D``, each ``(K, N)``, and
+        ``∂/∂α = Σ_n λ h'(pre)/D``, ``(K,)``.
+    """
+    alpha = wu.unsqueeze(-1)
+    slope = act.derivative(pre)
+    inv_d = (slope * alpha).add_(1).reciprocal_()
+    weight = inv_d * grad_logdet
+    return slope, inv_d, act.second_derivative(pre).mul_(weight).mul_(alpha), (slope * weight).sum(1)
 
 
 def _needs_grad(points: Tensor, params: Any) -> bool:
     return torch.is_grad_enabled() and (points.requires_grad or any(t.requires_grad for t in params))
+
+
+def _planar_logdet(pre: Tensor, wu: Tensor, act: Activation) -> Tensor:
+    """``Σ_k log(1 + α_k h'(pre_k))`` for pre-activations ``(K, N)``, in place on one ``(K, N)`` buffer."""
+    return act.derivative(pre).mul_(wu.unsqueeze(-1)).log1p_().sum(0)
 
 
 def _planar_forward_eval(z: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, Tensor]:
@@ -267,21 +274,29 @@ def _planar_forward_eval(z: Tensor, p: PlanarParams, act: Activation) -> tuple[T
     for i, (u, w, b) in enumerate(zip(p.u.unbind(0), p.w.unbind(0), p.b.unbind(0), strict=True)):
         torch.addmv(b, x, w, out=pre[i])
         x.addr_(act.fn(pre[i]), u)
-    return x, torch.log1p(p.wu.unsqueeze(-1) * act.derivative(pre)).sum(0)
+    return x, _planar_logdet(pre, p.wu, act)
 
 
 def _radial_steps(z: Tensor, p: RadialParams, diffs: Sequence[Tensor], radius: Tensor) -> Tensor:
-    """The ``K`` radial updates ``x ← x + β_k/(α_k + r_k) (x − z0_k)``, five ops per layer.
+    """The ``K`` radial updates ``x ← x + β_k/(α_k + r_k) (x − z0_k)``, two passes over the points per layer.
 
-    Writes layer ``k``'s ``x − z0_k`` into ``diffs[k]`` (the same buffer may be passed ``K`` times)
-    and ``r_k = ‖x − z0_k‖`` into ``radius[k]``; returns the output of the run.
+    Only ``δ_k = x − z0_k`` is carried: ``δ_{k+1} = (1 + a_k) δ_k + (z0_k − z0_{k+1})`` with
+    ``1 + a_k = (α_k + β_k + r_k)/(α_k + r_k)``, and the output is ``(1 + a_K) δ_K + z0_K``: per layer
+    one read of the points for the norm and one read/write for the update. Writes ``δ_k`` into
+    ``diffs[k]`` (the same buffer may be passed ``K`` times) and ``r_k = ‖δ_k‖`` into ``radius[k]``.
     """
-    x = z.clone()  # updated in place
-    for i, (z0, alpha, beta) in enumerate(zip(p.z0.unbind(0), p.alpha.unbind(0), p.beta.unbind(0), strict=True)):
-        diff = torch.sub(x, z0, out=diffs[i])
-        torch.linalg.vector_norm(diff, dim=-1, out=radius[i])
-        x.addcmul_(torch.div(beta, radius[i] + alpha).unsqueeze(-1), diff)
-    return x
+    k = p.z0.shape[0]
+    z0s, shifts = p.z0.unbind(0), (p.z0[:-1] - p.z0[1:]).unbind(0)
+    offset = p.alpha + p.beta
+    diff = torch.sub(z, z0s[0], out=diffs[0])
+    for i in range(k):
+        r = torch.linalg.vector_norm(diff, dim=-1, out=radius[i])
+        scale = torch.div(r + offset[i], r + p.alpha[i]).unsqueeze(-1)
+        if i + 1 < k:
+            diff = torch.addcmul(shifts[i], diff, scale, out=diffs[i + 1])
+        else:
+            diff = torch.addcmul(z0s[i], diff, scale)  # the output x
+    return diff
 
 
 def _radial_logdet(dim: int, radius: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
@@ -348,9 +363,10 @@ def _tanh_newton(c: Tensor, alpha: float, one_plus: Tensor, steps: int, root: Te
     """Solve ``s + α tanh(s) = c`` with ``steps`` Newton iterations from the hard-tanh root.
 
     Start: the exact root for ``h = clamp(·, −1, 1)``, ``s₀ = c − α/(1+α) clamp(c, −(1+α), 1+α)``.
-    From there the worst relative error over ``α ∈ [−0.9, 6]``, ``|s| ≤ 12`` is ``8e-9`` after 4
-    and at rounding (``8e-16``) after 5 iterations; for ``α ∈ [−0.95, −0.9)`` one more iteration is
-    needed. Five ops per iteration, written into ``root``; the last step goes to ``last`` (the check).
+    The error of that start grows with ``|α|``, so the iterations needed do too: from 1 (float32,
+    ``|α| ≤ 0.01``) to 5 (float64, ``α ∈ [−0.9, 6]``; worst relative error ``5e-9`` after 4), see
+    :data:`NEWTON_BUDGETS`. Five ops per iteration, written into ``root``; the last step goes to
+    ``last`` (the check).
 
     Args:
         c: Right-hand sides ``(N,)``.
@@ -372,9 +388,12 @@ def _tanh_newton(c: Tensor, alpha: float, one_plus: Tensor, steps: int, root: Te
 
 
 def _newton_budget(alpha: float, dtype: torch.dtype) -> int:
-    """Newton iterations for a tanh layer with ``α = wᵀû`` (see :func:`_tanh_newton`)."""
-    steps = NEWTON_STEPS.get(dtype, NEWTON_STEPS_OTHER)
-    return steps if -0.9 <= alpha <= 6.0 else steps + NEWTON_EXTRA_STEPS
+    """Newton iterations for a tanh layer with ``α = wᵀû`` (see :data:`NEWTON_BUDGETS`)."""
+    bins = NEWTON_BUDGETS.get(dtype, NEWTON_BUDGETS[torch.float64])
+    for low, high, steps in bins:
+        if low <= alpha <= high:
+            return steps
+    return bins[-1][2] + NEWTON_EXTRA_STEPS
 
 
 def _planar_roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -434,31 +453,21 @@ class _PlanarInverseRun(torch.autograd.Function):
         z, roots = _planar_roots(x, PlanarParams(u, w, b, wu), act, inputs)
         ctx.save_for_backward(inputs, roots, u, w, wu)
         ctx.act = act
-        return z, -torch.log1p(wu.unsqueeze(-1) * act.derivative(roots)).sum(0)
+        return z, -_planar_logdet(roots, wu, act)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_z: Tensor, grad_logdet: Tensor) -> tuple:
         inputs, roots, u, w, wu = ctx.saved_tensors
-        act = ctx.act
-        with torch.enable_grad():
-            roots_ = roots.detach().requires_grad_(True)
-            wu_ = wu.detach().requires_grad_(True)
-            slope = act.derivative(roots_)
-            terms = -torch.log1p(wu_.unsqueeze(-1) * slope)
-            d_root_logdet, grad_wu = torch.autograd.grad(
-                terms, (roots_, wu_), grad_logdet.expand_as(terms), allow_unused=True, materialize_grads=True
-            )
-        slope = slope.detach()
-        denominator = 1 + wu.unsqueeze(-1) * slope
-        offset, factor = d_root_logdet / denominator, -slope / denominator  # ∂L/∂c = offset + factor gᵀû
-        minus_hidden = -act.fn(roots)
-        d_c = torch.empty_like(roots)
+        slope, inv_d, d_c, grad_wu = _logdet_grads(roots, wu, -grad_logdet, ctx.act)  # ℓ = −log D
+        d_c.mul_(inv_d)  # ∂L/∂c = d_c + factor gᵀû, completed in place below
+        factor = slope.mul_(inv_d).neg_()
+        minus_hidden = -ctx.act.fn(roots)
         grad_u, grad_w = torch.empty_like(u), torch.empty_like(w)
         us, ws = u.unbind(0), w.unbind(0)
         g = grad_z
         for i in range(u.shape[0]):
-            torch.addcmul(offset[i], factor[i], torch.mv(g, us[i]), out=d_c[i])
+            torch.addcmul(d_c[i], factor[i], torch.mv(g, us[i]), out=d_c[i])
             torch.mv(g.t(), minus_hidden[i], out=grad_u[i])
             torch.mv(inputs[i].t(), d_c[i], out=grad_w[i])
             g = torch.addr(g, d_c[i], ws[i])
@@ -470,7 +479,7 @@ def _planar_inverse(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor
     if _needs_grad(x, p):
         return _PlanarInverseRun.apply(x, p.u, p.w, p.b, p.wu, act)
     z, roots = _planar_roots(x, p, act)
-    return z, -torch.log1p(p.wu.unsqueeze(-1) * act.derivative(roots)).sum(0)
+    return z, -_planar_logdet(roots, p.wu, act)
 
 
 # -- Householder ---------------------------------------------------------------------------------
