@@ -52,7 +52,7 @@ from flowprobe.layers.base import FlowLayer
 from flowprobe.layers.householder import Householder, reflect
 from flowprobe.layers.planar import Planar, PlanarParams
 from flowprobe.layers.radial import Radial, RadialParams
-from flowprobe.layers.scalar import solve_scalar
+from flowprobe.layers.scalar import newton_budget, newton_converged, solve_scalar, tanh_newton
 from flowprobe.layers.sylvester import GeneralSylvester, Sylvester, SylvesterParams
 
 __all__ = [
@@ -69,15 +69,6 @@ __all__ = [
 
 FUSABLE = (Planar, Radial, Sylvester, GeneralSylvester, Householder)
 PER_LAYER_ATTRIBUTES = ("flip",)  # configuration that may differ inside a run (triangular Sylvester)
-# Newton iterations of a tanh layer's inverse by ``α = wᵀû``: ``(low, high, steps)`` bins, the first
-# that holds α applies; the fewest iterations that reach rounding from the hard-tanh start for every
-# α in the bin (see _tanh_newton; checked on a fine α grid in tests/test_fused.py). Other dtypes use
-# the float64 table.
-NEWTON_BUDGETS = {
-    torch.float64: ((-0.02, 0.02, 2), (-0.3, 0.3, 3), (-0.5, 1.0, 4), (-0.9, 6.0, 5), (-1.0, 10.0, 6)),
-    torch.float32: ((-0.01, 0.01, 1), (-0.25, 0.3, 2), (-0.7, 2.0, 3), (-0.9, 6.0, 4), (-1.0, 10.0, 5)),
-}
-NEWTON_EXTRA_STEPS = 2  # beyond the last bin (α > 10): its budget plus these, then the check decides
 
 _ENABLED = True
 
@@ -359,43 +350,6 @@ class _RadialRun(torch.autograd.Function):
         return g, grad_z0, (dl_da - h * h * d_h).sum(1), (h * gamma + dl_db).sum(1)
 
 
-def _tanh_newton(c: Tensor, alpha: float, one_plus: Tensor, steps: int, root: Tensor, last: Tensor) -> None:
-    """Solve ``s + α tanh(s) = c`` with ``steps`` Newton iterations from the hard-tanh root.
-
-    Start: the exact root for ``h = clamp(·, −1, 1)``, ``s₀ = c − α/(1+α) clamp(c, −(1+α), 1+α)``.
-    The error of that start grows with ``|α|``, so the iterations needed do too: from 1 (float32,
-    ``|α| ≤ 0.01``) to 5 (float64, ``α ∈ [−0.9, 6]``; worst relative error ``5e-9`` after 4), see
-    :data:`NEWTON_BUDGETS`. Five ops per iteration, written into ``root``; the last step goes to
-    ``last`` (the check).
-
-    Args:
-        c: Right-hand sides ``(N,)``.
-        alpha: ``α = wᵀû > −1``; ``one_plus`` is ``1 + α`` as a 0-d tensor.
-        steps: Number of iterations (≥ 1).
-        root: Output buffer ``(N,)`` for the root.
-        last: Output buffer ``(N,)`` for the last Newton step.
-    """
-    bound = 1.0 + alpha
-    s = torch.add(c, torch.clamp(c, -bound, bound), alpha=-alpha / bound, out=root)
-    for j in range(steps):
-        t = torch.tanh(s)
-        residual = torch.add(s, t, alpha=alpha).sub_(c)
-        slope = torch.addcmul(one_plus, t, t, value=-alpha)  # 1 + α(1 − t²)
-        if j + 1 < steps:
-            s.addcdiv_(residual, slope, value=-1)
-        else:
-            s.sub_(torch.div(residual, slope, out=last))
-
-
-def _newton_budget(alpha: float, dtype: torch.dtype) -> int:
-    """Newton iterations for a tanh layer with ``α = wᵀû`` (see :data:`NEWTON_BUDGETS`)."""
-    bins = NEWTON_BUDGETS.get(dtype, NEWTON_BUDGETS[torch.float64])
-    for low, high, steps in bins:
-        if low <= alpha <= high:
-            return steps
-    return bins[-1][2] + NEWTON_EXTRA_STEPS
-
-
 def _planar_roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Invert a planar run without autograd; returns ``z`` and the pre-activations ``(K, N)``.
 
@@ -403,9 +357,9 @@ def _planar_roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | 
     of layer ``k``) is written into ``inputs[k]``.
 
     ``tanh`` layers use :func:`_tanh_newton` (a fixed budget per layer, no synchronisation inside
-    the run) with one convergence check for the whole run: every layer's last Newton step ``δ``
-    must satisfy ``C δ² ≤ 2 eps`` with ``C = max|f''|/(2 min f')``, so that the returned root is
-    exact to rounding; otherwise the run is redone with the safeguarded solver.
+    the run) with one convergence check for the whole run
+    (:func:`~flowprobe.layers.scalar.newton_converged`: the last Newton step of every layer leaves
+    its root exact to rounding); otherwise the run is redone with the safeguarded solver.
     """
     k = p.u.shape[0]
     alphas = p.wu.tolist()
@@ -421,11 +375,10 @@ def _planar_roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | 
         z = x
         for i in range(k - 1, -1, -1):
             alpha = alphas[i]
-            _tanh_newton(torch.addmv(bs[i], z, ws[i]), alpha, one_plus[i], _newton_budget(alpha, x.dtype), roots[i],
+            tanh_newton(torch.addmv(bs[i], z, ws[i]), alpha, one_plus[i], newton_budget(alpha, x.dtype), roots[i],
                          lasts[i])
             z = torch.addr(z, torch.tanh(roots[i]), us[i], alpha=-1, out=outs[i])
-        curvature = 0.385 * p.wu.abs() / torch.clamp(1 + p.wu, max=1.0)
-        if bool((curvature * last.abs().amax(1).square() <= 2 * torch.finfo(x.dtype).eps).all()):
+        if newton_converged(p.wu.unsqueeze(-1), last, pre):
             return z, pre
     z = x
     one = x.new_ones(())
@@ -525,6 +478,48 @@ def _sylvester_forward(stack: LayerStack, z: Tensor, start: int, stop: int) -> t
     return z, logdet
 
 
+def _sylvester_tanh_roots(x: Tensor, p: SylvesterParams) -> tuple[Tensor, Tensor] | None:
+    """Invert a tanh Sylvester run without autograd by back-substitution with fixed Newton budgets.
+
+    Layer ``k`` at ``y``: with ``c = Qᵀy`` and ``v = Qᵀz``, ``c = v + R h(R̃v + b)``; for
+    ``i = m−1 … 0``, ``γ_i = b_i + Σ_{j>i} R̃_ij v_j`` and ``c_i' = c_i − Σ_{j>i} R_ij h_j`` are
+    known, ``s_i = R̃_ii v_i + γ_i`` solves ``s + R_ii R̃_ii tanh(s) = R̃_ii c_i' + γ_i``
+    (:func:`~flowprobe.layers.scalar.tanh_newton`, budget by ``α = R_ii R̃_ii``) and
+    ``v_i = c_i' − R_ii tanh(s_i)``; then ``z = y − Q Qᵀ y + Q v``. The columns live in rows of
+    ``(m, N)`` buffers updated in place.
+
+    Returns:
+        ``z`` and the pre-activations ``(K, m, N)``, or ``None`` when the one convergence check
+        of the run fails.
+    """
+    k, m = p.r.shape[0], p.r.shape[-1]
+    r_diag, rt_diag = torch.diagonal(p.r, dim1=-2, dim2=-1), torch.diagonal(p.r_tilde, dim1=-2, dim2=-1)
+    alpha = r_diag * rt_diag
+    alphas, r_diags, rt_diags = alpha.tolist(), r_diag.tolist(), rt_diag.tolist()
+    one_plus = (1 + alpha).unbind(-1)  # no (K, m) unbind: one row of 0-d tensors per layer below
+    pre = x.new_empty(k, m, x.shape[0])
+    last = torch.empty_like(pre)
+    z = x
+    for layer in range(k - 1, -1, -1):
+        q, r, r_tilde = p.q[layer], p.r[layer], p.r_tilde[layer]
+        coords = z @ q
+        outside = torch.addmm(z, coords, q.t(), alpha=-1)
+        c = coords.t().contiguous()  # (m, N): c' of every column, reduced in place
+        gamma = p.b[layer].unsqueeze(-1).expand(m, x.shape[0]).clone()
+        v = torch.empty_like(c)
+        for i in range(m - 1, -1, -1):
+            target = torch.add(gamma[i], c[i], alpha=rt_diags[layer][i])
+            a = alphas[layer][i]
+            tanh_newton(target, a, one_plus[i][layer], newton_budget(a, x.dtype), pre[layer, i], last[layer, i])
+            h = torch.tanh(pre[layer, i])
+            torch.add(c[i], h, alpha=-r_diags[layer][i], out=v[i])
+            if i > 0:
+                c[:i].addr_(r[:i, i], h, alpha=-1)
+                gamma[:i].addr_(r_tilde[:i, i], v[i])
+        z = torch.addmm(outside, v.t(), q.t())
+    return (z, pre) if newton_converged(alpha.unsqueeze(-1), last, pre) else None
+
+
 # -- dispatch ------------------------------------------------------------------------------------
 def _forward_run(stack: LayerStack, z: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     layer = stack.template
@@ -558,6 +553,12 @@ def _inverse_run(stack: LayerStack, x: Tensor, start: int, stop: int) -> tuple[T
         return x @ _householder_product(stack.raw(start, stop)["v"]).transpose(-1, -2), x.new_zeros(x.shape[0])
     if isinstance(layer, Sylvester):
         params = _sylvester_params(stack, start, stop)
+        if layer.act.name == "tanh" and not _needs_grad(x, params):
+            solved = _sylvester_tanh_roots(x, params)
+            if solved is not None:
+                alpha = torch.diagonal(params.r, dim1=-2, dim2=-1) * torch.diagonal(params.r_tilde, dim1=-2, dim2=-1)
+                z, pre = solved
+                return z, -_planar_logdet(pre.flatten(0, 1), alpha.flatten(), layer.act)
     else:
         params = layer.constrain(stack.raw(start, stop))
     logdet = x.new_zeros(x.shape[0])
