@@ -88,11 +88,11 @@ def tanh_newton(
         ``(root, last)``.
     """
     scalar = not isinstance(alpha, Tensor)
-    clamped = torch.clamp(c, -one_plus, one_plus)
     if scalar:
-        s = torch.add(c, clamped, alpha=-alpha / (1.0 + alpha), out=root)
+        bound = 1.0 + alpha
+        s = torch.add(c, torch.clamp(c, -bound, bound), alpha=-alpha / bound, out=root)
     else:
-        s = torch.addcmul(c, alpha / one_plus, clamped, value=-1, out=root)
+        s = torch.addcmul(c, alpha / one_plus, torch.clamp(c, -one_plus, one_plus), value=-1, out=root)
     for j in range(steps):
         t = torch.tanh(s)
         if scalar:
