@@ -224,15 +224,19 @@ class _PlanarRun(torch.autograd.Function):
         inputs, pre, u, w, wu = ctx.saved_tensors
         slope, _, d_pre, grad_wu = _logdet_grads(pre, wu, grad_logdet, ctx.act)
         hidden = ctx.act.fn(pre)
-        grad_u, grad_w = torch.empty_like(u), torch.empty_like(w)
+        grad_u = torch.empty_like(u)
         us, ws = u.unbind(0), w.unbind(0)
         g = grad_x  # ∂L/∂(output of layer i); no (K, N, d) buffer, so the peak stays at the saved tensors
         for i in range(u.shape[0] - 1, -1, -1):
-            torch.addcmul(d_pre[i], slope[i], torch.mv(g, us[i]), out=d_pre[i])  # ∂L/∂pre_i, in place
+            d_pre_i = d_pre[i].addcmul_(slope[i], torch.mv(g, us[i]))  # ∂L/∂pre_i, in place
             torch.mv(g.t(), hidden[i], out=grad_u[i])
-            torch.mv(inputs[i].t(), d_pre[i], out=grad_w[i])
-            g = torch.addr(g, d_pre[i], ws[i])
-        return g, grad_u, grad_w, d_pre.sum(1), grad_wu, None
+            g = torch.addr(g, d_pre_i, ws[i])
+        return g, grad_u, _weighted_sums(d_pre, inputs), d_pre.sum(1), grad_wu, None
+
+
+def _weighted_sums(weights: Tensor, points: Tensor) -> Tensor:
+    """``Σ_n weights[k, n] points[k, n]`` for every layer ``k``: ``(K, N)``, ``(K, N, d)`` → ``(K, d)``."""
+    return torch.bmm(weights.unsqueeze(1), points).squeeze(1)
 
 
 def _logdet_grads(pre: Tensor, wu: Tensor, grad_logdet: Tensor, act: Activation) -> tuple[Tensor, ...]:
@@ -416,14 +420,14 @@ class _PlanarInverseRun(torch.autograd.Function):
         d_c.mul_(inv_d)  # ∂L/∂c = d_c + factor gᵀû, completed in place below
         factor = slope.mul_(inv_d).neg_()
         minus_hidden = -ctx.act.fn(roots)
-        grad_u, grad_w = torch.empty_like(u), torch.empty_like(w)
+        grad_u = torch.empty_like(u)
         us, ws = u.unbind(0), w.unbind(0)
         g = grad_z
         for i in range(u.shape[0]):
-            torch.addcmul(d_c[i], factor[i], torch.mv(g, us[i]), out=d_c[i])
+            d_c_i = d_c[i].addcmul_(factor[i], torch.mv(g, us[i]))
             torch.mv(g.t(), minus_hidden[i], out=grad_u[i])
-            torch.mv(inputs[i].t(), d_c[i], out=grad_w[i])
-            g = torch.addr(g, d_c[i], ws[i])
+            g = torch.addr(g, d_c_i, ws[i])
+        grad_w = _weighted_sums(d_c, inputs)
         return g, grad_u, grad_w, d_c.sum(1), grad_wu + (minus_hidden * d_c).sum(1), None
 
 
