@@ -211,9 +211,10 @@ class _PlanarRun(torch.autograd.Function):
         inputs[0] = z
         pre = z.new_empty(k, n)
         us, ws, bs = u.unbind(0), w.unbind(0), b.unbind(0)
+        points, pres = inputs.unbind(0), pre.unbind(0)
         for i in range(k):
-            torch.addmv(bs[i], inputs[i], ws[i], out=pre[i])
-            x = torch.addr(inputs[i], act.fn(pre[i]), us[i], out=inputs[i + 1] if i + 1 < k else None)
+            torch.addmv(bs[i], points[i], ws[i], out=pres[i])
+            x = torch.addr(points[i], act.fn(pres[i]), us[i], out=points[i + 1] if i + 1 < k else None)
         ctx.save_for_backward(inputs, pre, u, w, wu)
         ctx.act = act
         return x, _planar_logdet(pre, wu, act)
