@@ -405,7 +405,7 @@ def _peak_tensor_bytes(step: Callable[[], None]) -> int:
 
 
 def memory_child(lib: str, family: str, k: int, n: int, measure: str) -> None:
-    """Print one measure of one training step's memory, after two warm-up steps.
+    """Print one measure of one training step's memory, after two warm-up steps at batch 1.
 
     ``tensor_peak_bytes``: :func:`_peak_tensor_bytes` of the step (the headline measure).
     ``rss_peak_bytes``: the increase of the process's peak resident set (``ru_maxrss``) over the
@@ -417,10 +417,11 @@ def memory_child(lib: str, family: str, k: int, n: int, measure: str) -> None:
     model = build(lib, family, k, 2)
     assert not isinstance(model, str)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    step = rkl_step(model, opt, n)
-    step()  # imports, autograd threads, optimizer state
-    step()
+    warm_up = rkl_step(model, opt, 1)  # imports, autograd threads, optimizer state; batch 1 so that
+    warm_up()  # the measured step's memory at batch n is not already held by the process
+    warm_up()
     opt.zero_grad(set_to_none=True)
+    step = rkl_step(model, opt, n)
     if measure == "tensor_peak_bytes":
         value = _peak_tensor_bytes(step)
     else:

@@ -223,7 +223,7 @@ class _PlanarRun(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_x: Tensor, grad_logdet: Tensor) -> tuple:
         inputs, pre, u, w, wu = ctx.saved_tensors
-        slope, _, d_pre, grad_wu = _logdet_grads(pre, wu, grad_logdet, ctx.act)
+        slope, d_pre, grad_wu = _logdet_grads(pre, wu, grad_logdet, ctx.act)
         hidden = ctx.act.fn(pre)
         grad_u = torch.empty_like(u)
         us, ws = u.unbind(0), w.unbind(0)
@@ -240,18 +240,18 @@ def _weighted_sums(weights: Tensor, points: Tensor) -> Tensor:
     return torch.bmm(weights.unsqueeze(1), points).squeeze(1)
 
 
-def _logdet_grads(pre: Tensor, wu: Tensor, grad_logdet: Tensor, act: Activation) -> tuple[Tensor, ...]:
+def _logdet_grads(pre: Tensor, wu: Tensor, grad_logdet: Tensor, act: Activation) -> tuple[Tensor, Tensor, Tensor]:
     """The pieces of the gradient of ``Σ_k λ log D_k``, ``D_k = 1 + α_k h'(pre_k)``, ``λ = grad_logdet``.
 
     Returns:
-        ``h'(pre)``, ``1/D`` and ``∂/∂pre = λ α h''(pre)/D``, each ``(K, N)``, and
-        ``∂/∂α = Σ_n λ h'(pre)/D``, ``(K,)``.
+        ``h'(pre)`` and ``∂/∂pre = λ α h''(pre)/D``, each ``(K, N)``, and ``∂/∂α = Σ_n λ h'(pre)/D``,
+        ``(K,)``; no other ``(K, N)`` buffer outlives the call.
     """
     alpha = wu.unsqueeze(-1)
-    slope = act.derivative(pre)
-    inv_d = (slope * alpha).add_(1).reciprocal_()
-    weight = inv_d * grad_logdet
-    return slope, inv_d, act.second_derivative(pre).mul_(weight).mul_(alpha), (slope * weight).sum(1)
+    slope, curvature = act.derivative(pre), act.second_derivative(pre)
+    weight = (slope * alpha).add_(1).reciprocal_().mul_(grad_logdet)
+    grad_alpha = torch.bmm(slope.unsqueeze(1), weight.unsqueeze(-1)).flatten()  # no (K, N) product
+    return slope, curvature.mul_(weight).mul_(alpha), grad_alpha
 
 
 def _needs_grad(points: Tensor, params: Any) -> bool:
@@ -417,9 +417,10 @@ class _PlanarInverseRun(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_z: Tensor, grad_logdet: Tensor) -> tuple:
         inputs, roots, u, w, wu = ctx.saved_tensors
-        slope, inv_d, d_c, grad_wu = _logdet_grads(roots, wu, -grad_logdet, ctx.act)  # ℓ = −log D
-        d_c.mul_(inv_d)  # ∂L/∂c = d_c + factor gᵀû, completed in place below
-        factor = slope.mul_(inv_d).neg_()
+        slope, d_c, grad_wu = _logdet_grads(roots, wu, -grad_logdet, ctx.act)  # ℓ = −log D
+        factor = (slope * wu.unsqueeze(-1)).add_(1).reciprocal_()  # 1/D for now
+        d_c.mul_(factor)  # ∂L/∂c = d_c + factor gᵀû, completed in place below
+        factor.mul_(slope).neg_()
         minus_hidden = -ctx.act.fn(roots)
         grad_u = torch.empty_like(u)
         us, ws = u.unbind(0), w.unbind(0)
