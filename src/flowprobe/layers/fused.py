@@ -52,7 +52,7 @@ from flowprobe.layers.base import FlowLayer
 from flowprobe.layers.householder import Householder, reflect
 from flowprobe.layers.planar import Planar, PlanarParams
 from flowprobe.layers.radial import Radial, RadialParams
-from flowprobe.layers.scalar import solve_scalar
+from flowprobe.layers.scalar import implicit_step, solve_scalar
 from flowprobe.layers.sylvester import GeneralSylvester, Sylvester, SylvesterParams
 
 __all__ = [
@@ -377,6 +377,16 @@ def _newton_budget(alpha: float, dtype: torch.dtype) -> int:
     return steps if -0.9 <= alpha <= 6.0 else steps + NEWTON_EXTRA_STEPS
 
 
+def _newton_converged(wu: Tensor, last: Tensor) -> Tensor:
+    """Whether every layer's last Newton step ``δ`` ``(K, N)`` leaves a root exact to rounding.
+
+    The check of :func:`_planar_roots`: ``C δ² ≤ 2 eps`` with ``C = max|f''|/(2 min f')`` for
+    ``f(s) = s + α tanh(s)``, as a 0-d boolean tensor.
+    """
+    curvature = 0.385 * wu.abs() / torch.clamp(1 + wu, max=1.0)
+    return (curvature * last.abs().amax(1).square() <= 2 * torch.finfo(last.dtype).eps).all()
+
+
 def _planar_roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Invert a planar run without autograd; returns ``z`` and the pre-activations ``(K, N)``.
 
@@ -405,8 +415,7 @@ def _planar_roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | 
             _tanh_newton(torch.addmv(bs[i], z, ws[i]), alpha, one_plus[i], _newton_budget(alpha, x.dtype), roots[i],
                          lasts[i])
             z = torch.addr(z, torch.tanh(roots[i]), us[i], alpha=-1, out=outs[i])
-        curvature = 0.385 * p.wu.abs() / torch.clamp(1 + p.wu, max=1.0)
-        if bool((curvature * last.abs().amax(1).square() <= 2 * torch.finfo(x.dtype).eps).all()):
+        if bool(_newton_converged(p.wu, last)):
             return z, pre
     z = x
     one = x.new_ones(())
@@ -473,6 +482,51 @@ def _planar_inverse(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor
     return z, -torch.log1p(p.wu.unsqueeze(-1) * act.derivative(roots)).sum(0)
 
 
+def _tanh_newton_traced(c: Tensor, alpha: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """:func:`_tanh_newton` as plain functional ops with a tensor ``α`` (no ``.tolist()``).
+
+    Returns:
+        The root ``(N,)`` and the last Newton step ``(N,)``.
+    """
+    one_plus = 1 + alpha
+    s = c - alpha / one_plus * torch.clamp(c, -one_plus, one_plus)
+    for _ in range(steps):
+        t = torch.tanh(s)
+        step = (s + alpha * t - c) / (one_plus - alpha * t * t)
+        s = s - step
+    return s, step
+
+
+def _planar_tanh_inverse_traced(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, Tensor]:
+    """Inverse of a planar-tanh run for ``torch.compile``: one traceable graph, one host check.
+
+    Every layer runs :func:`_tanh_newton_traced` with the largest budget of :func:`_newton_budget`
+    (``α`` stays on the device), then, with autograd, one :func:`implicit_step` (its value is the
+    root, its gradients those of the implicit function theorem, as in ``solve_scalar``). The run's
+    convergence check (:func:`_newton_converged`) is its one synchronisation (a graph break); if it
+    fails, the run is redone eagerly by :func:`_planar_inverse` (safeguarded solver).
+    """
+    steps = NEWTON_STEPS.get(x.dtype, NEWTON_STEPS_OTHER) + NEWTON_EXTRA_STEPS
+    grad = _needs_grad(x, p)
+    one, zero = x.new_ones(()), x.new_zeros(())
+    z, logdet, lasts = x, x.new_zeros(x.shape[0]), []
+    for i in range(p.u.shape[0] - 1, -1, -1):
+        c = torch.addmv(p.b[i], z, p.w[i])  # s + α tanh(s) = c = wᵀz + b, s = pre-activation
+        with torch.no_grad():
+            root, last = _tanh_newton_traced(c, p.wu[i], steps)
+        if grad:
+            root = implicit_step(root, c, p.wu[i], one, zero, act)
+        z = z - torch.tanh(root).unsqueeze(-1) * p.u[i]
+        logdet = logdet - torch.log1p(p.wu[i] * act.derivative(root))
+        lasts.append(last)
+    if not bool(_newton_converged(p.wu.detach(), torch.stack(lasts))):
+        return _planar_inverse_eager(x, p, act)
+    return z, logdet
+
+
+_planar_inverse_eager = torch.compiler.disable(_planar_inverse)
+
+
 # -- Householder ---------------------------------------------------------------------------------
 def _householder_product(v: Tensor) -> Tensor:
     """The ``d × d`` matrix ``A`` with ``x = z A`` for a run with reflection vectors ``(K, T, d)``."""
@@ -519,12 +573,13 @@ def _sylvester_forward(stack: LayerStack, z: Tensor, start: int, stop: int) -> t
 # -- dispatch ------------------------------------------------------------------------------------
 def _forward_run(stack: LayerStack, z: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     layer = stack.template
-    if isinstance(layer, Planar):
+    eager = not torch.compiler.is_compiling()  # compiled: plain ops (below), fused by the compiler
+    if isinstance(layer, Planar) and eager:
         p = layer.constrain(stack.raw(start, stop))
         if not _needs_grad(z, p):
             return _planar_forward_eval(z, p, layer.act)
         return _PlanarRun.apply(z, p.u, p.w, p.b, p.wu, layer.act)
-    if isinstance(layer, Radial):
+    if isinstance(layer, Radial) and eager:
         p = layer.constrain(stack.raw(start, stop))
         if not _needs_grad(z, p):
             return _radial_forward_eval(z, p)
@@ -543,8 +598,10 @@ def _forward_run(stack: LayerStack, z: Tensor, start: int, stop: int) -> tuple[T
 
 def _inverse_run(stack: LayerStack, x: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     layer = stack.template
-    if isinstance(layer, Planar):
+    if isinstance(layer, Planar) and not torch.compiler.is_compiling():
         return _planar_inverse(x, layer.constrain(stack.raw(start, stop)), layer.act)
+    if isinstance(layer, Planar) and layer.act.name == "tanh":
+        return _planar_tanh_inverse_traced(x, layer.constrain(stack.raw(start, stop)), layer.act)
     if isinstance(layer, Householder):
         return x @ _householder_product(stack.raw(start, stop)["v"]).transpose(-1, -2), x.new_zeros(x.shape[0])
     if isinstance(layer, Sylvester):

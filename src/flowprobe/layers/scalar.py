@@ -26,7 +26,7 @@ from torch import Tensor
 
 from flowprobe.activations import Activation
 
-__all__ = ["solve_scalar"]
+__all__ = ["implicit_step", "solve_scalar"]
 
 MAX_ITERATIONS = 100
 
@@ -69,6 +69,9 @@ def _solve_newton(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Ac
     return v
 
 
+_solve_newton_eager = torch.compiler.disable(_solve_newton)
+
+
 def solve_scalar(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Activation) -> Tensor:
     """Solve ``v + α h(βv + γ) = y`` element-wise (all arguments broadcast).
 
@@ -85,10 +88,22 @@ def solve_scalar(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Act
         The root ``v``, differentiable with respect to all arguments (implicit gradients).
     """
     with torch.no_grad():
-        solve = _solve_piecewise_linear if act.piecewise_linear else _solve_newton
+        if act.piecewise_linear:
+            solve = _solve_piecewise_linear
+        else:  # under torch.compile the iteration, which stops on a host check, runs eagerly
+            solve = _solve_newton_eager if torch.compiler.is_compiling() else _solve_newton
         root = solve(y.detach(), alpha.detach(), beta.detach(), gamma.detach(), act)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (y, alpha, beta, gamma)):
         return root
+    return implicit_step(root, y, alpha, beta, gamma, act)
+
+
+def implicit_step(root: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Activation) -> Tensor:
+    """One Newton step from a root ``v*`` of ``v + α h(βv + γ) = y``, with the slope detached.
+
+    ``v = v* − (g(v*) − y)/g'(v*)``: its value is ``v*`` (up to rounding) and its derivatives with
+    respect to ``y, α, β, γ`` are those of the implicit function theorem.
+    """
     pre = beta * root + gamma
     residual = root + alpha * act.fn(pre) - y
     slope = (1 + alpha * beta * act.derivative(pre)).detach()
