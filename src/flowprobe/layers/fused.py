@@ -30,6 +30,14 @@ On the stacked parameters, a run is evaluated with:
 * other families (general Sylvester; radial inverses): the batched reparametrisation, then the
   layer's own ``transform`` / ``invert`` per layer.
 
+Under ``torch.compile`` (``torch.compiler.is_compiling()``) the planar and radial runs are traced as
+plain differentiable ops (the batched reparametrisation, then the layer's own ``transform`` per
+layer), so that the compiler fuses the elementwise chains and derives the backward itself; a
+planar-tanh inverse run becomes :func:`_planar_tanh_inverse_traced` (device-side ``α``, the largest
+Newton budget, one convergence check per run, the eager run as its fallback); iterations that stop
+on a host check (``solve_scalar``) run eagerly. ``tests/test_compile.py`` checks compiled against
+eager.
+
 Every fused path evaluates the same formulas as the layers; ``tests/test_fused.py`` checks values,
 log-dets and gradients against the layer-by-layer path to ``1e-12`` in float64. Amortised
 (per-point) parameters, ``torch.func`` transforms and ``set_fusion(False)`` use the layer-by-layer
