@@ -5,6 +5,9 @@ Rows (float32; see the README's "Performance" section):
 * ``rkl-planar``, ``rkl-radial``: a reverse-KL training step on U1 (Rezende & Mohamed 2015),
   K = 32, d = 2, batch 256, Adam: ``rsample_and_log_prob`` + energy + mean compiled, the backward
   (AOTAutograd's compiled backward) and ``opt.step`` run as usual;
+* ``rkl-sylvester``, ``logp-sylvester``: the same step, and ``log_prob`` without gradient, for
+  orthogonal Sylvester layers (K = 32, d = 2, batch 256; its inverse solves scalar equations with
+  the eager safeguarded solver between compiled graphs);
 * ``ml-planar``, ``ml-radial``: a maximum-likelihood step (``log_prob`` through the inverses, with
   gradient) on a fixed batch of 256 of the flow's own samples, K = 32, d = 2, Adam;
 * ``logp-planar-256``, ``logp-planar-4096``: ``log_prob`` through the inverses without gradient,
@@ -60,6 +63,8 @@ ROWS = [
     Row("rkl-radial", "reverse-KL step, radial K=32 d=2 batch 256", "radial", 32, 2, 256, "rkl"),
     Row("ml-planar", "max-likelihood step, planar-tanh K=32 d=2 batch 256", "planar", 32, 2, 256, "ml"),
     Row("ml-radial", "max-likelihood step, radial K=32 d=2 batch 256", "radial", 32, 2, 256, "ml"),
+    Row("rkl-sylvester", "reverse-KL step, sylvester-O K=32 d=2 batch 256", "sylvester", 32, 2, 256, "rkl"),
+    Row("logp-sylvester", "log_prob (no grad), sylvester-O K=32 d=2 batch 256", "sylvester", 32, 2, 256, "log_prob"),
     Row("logp-planar-256", "log_prob (no grad), planar-tanh K=32 d=2 batch 256", "planar", 32, 2, 256, "log_prob"),
     Row("logp-planar-4096", "log_prob (no grad), planar-tanh K=32 d=2 batch 4096", "planar", 32, 2, 4096, "log_prob"),
     Row("sample-planar", "sample + log-density, planar-tanh K=16 d=64 batch 4096", "planar", 16, 64, 4096, "sample"),
@@ -69,7 +74,11 @@ ROWS = [
 
 def build(row: Row) -> fp.Flow:
     torch.manual_seed(0)
-    layer = (lambda: fp.Planar(row.d, "tanh")) if row.family == "planar" else (lambda: fp.Radial(row.d))
+    layer = {
+        "planar": lambda: fp.Planar(row.d, "tanh"),
+        "radial": lambda: fp.Radial(row.d),
+        "sylvester": lambda: fp.Sylvester(row.d, kind="orthogonal"),
+    }[row.family]
     flow = fp.Flow(fp.StandardNormal(row.d), [layer() for _ in range(row.k)])
     with torch.no_grad():  # away from the near-identity initialisation (as benchmarks/inverse_cost.py)
         for p in flow.parameters():
