@@ -43,6 +43,9 @@ def validation(enabled: bool) -> Iterator[None]:
 def check_points(x: object, dim: int, name: str = "input") -> Tensor:
     """Check that ``x`` is a finite, non-empty float tensor of shape ``(N, dim)``.
 
+    Under ``torch.compile`` only the shape and dtype are checked (they are known while tracing);
+    finiteness needs the values, so it is left to eager calls.
+
     Args:
         x: The value to check.
         dim: The expected event dimension.
@@ -64,6 +67,8 @@ def check_points(x: object, dim: int, name: str = "input") -> Tensor:
         raise ValueError(f"{name} is an empty batch; expected shape (N, {dim}) with N >= 1")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if torch.compiler.is_compiling():  # the finiteness check is a host sync: a graph break per call
+        return x
     if bool(torch.isfinite(x.sum())):  # one read-only pass: a finite sum means every value is finite
         return x
     finite = torch.isfinite(x)  # the sum is NaN/inf: a non-finite value, or an overflow of finite ones

@@ -27,8 +27,18 @@ On the stacked parameters, a run is evaluated with:
   the ``K`` layers at once), applied with one matrix product; the inverse uses its transpose;
 * **Sylvester**: the products ``QR`` and ``QR̃ᵀ`` precomputed for the run, two matrix products
   per layer, log-determinants of the whole run in one batched expression;
-* other families (general Sylvester; radial inverses): the batched reparametrisation, then the
-  layer's own ``transform`` / ``invert`` per layer.
+  the inverse of a tanh run without autograd is one back-substitution per layer with fixed Newton
+  budgets per column and one convergence check for the run (:func:`_sylvester_tanh_roots`);
+* other families (general Sylvester; radial inverses) and other Sylvester inverses: the batched
+  reparametrisation, then the layer's own ``transform`` / ``invert`` per layer.
+
+Under ``torch.compile`` (``torch.compiler.is_compiling()``) the planar and radial runs are traced as
+plain differentiable ops (the batched reparametrisation, then the layer's own ``transform`` per
+layer), so that the compiler fuses the elementwise chains and derives the backward itself; a
+planar-tanh inverse run becomes :func:`_planar_tanh_inverse_traced` (device-side ``α``, the largest
+Newton budget, one convergence check per run, the eager run as its fallback); iterations that stop
+on a host check (``solve_scalar``) run eagerly. ``tests/test_compile.py`` checks compiled against
+eager.
 
 Every fused path evaluates the same formulas as the layers; ``tests/test_fused.py`` checks values,
 log-dets and gradients against the layer-by-layer path to ``1e-12`` in float64. Amortised
@@ -52,7 +62,7 @@ from flowprobe.layers.base import FlowLayer
 from flowprobe.layers.householder import Householder, reflect
 from flowprobe.layers.planar import Planar, PlanarParams
 from flowprobe.layers.radial import Radial, RadialParams
-from flowprobe.layers.scalar import newton_budget, newton_converged, solve_scalar, tanh_newton
+from flowprobe.layers.scalar import implicit_step, newton_budget, newton_converged, solve_scalar, tanh_newton
 from flowprobe.layers.sylvester import GeneralSylvester, Sylvester, SylvesterParams
 
 __all__ = [
@@ -361,8 +371,8 @@ def _planar_roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | 
     With ``inputs`` ``(K, N, d)`` given, the point entering the inverse of layer ``k`` (the output
     of layer ``k``) is written into ``inputs[k]``.
 
-    ``tanh`` layers use :func:`_tanh_newton` (a fixed budget per layer, no synchronisation inside
-    the run) with one convergence check for the whole run
+    ``tanh`` layers use :func:`~flowprobe.layers.scalar.tanh_newton` (a fixed budget per layer, no
+    synchronisation inside the run) with one convergence check for the whole run
     (:func:`~flowprobe.layers.scalar.newton_converged`: the last Newton step of every layer leaves
     its root exact to rounding); otherwise the run is redone with the safeguarded solver.
     """
@@ -439,6 +449,39 @@ def _planar_inverse(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor
         return _PlanarInverseRun.apply(x, p.u, p.w, p.b, p.wu, act)
     z, roots = _planar_roots(x, p, act)
     return z, -_planar_logdet(roots, p.wu, act)
+
+
+def _planar_tanh_inverse_traced(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, Tensor]:
+    """Inverse of a planar-tanh run for ``torch.compile``: one traceable graph, one host check.
+
+    Every layer runs :func:`~flowprobe.layers.scalar.tanh_newton` with ``α`` left on the device and
+    so the largest tabulated budget (``α ∈ (−1, 10]``), then, with autograd, one
+    :func:`~flowprobe.layers.scalar.implicit_step` (its value is the root, its gradients those of the
+    implicit function theorem, as in ``solve_scalar``). The run's convergence check is its one
+    synchronisation (a graph break); if it fails, the run is redone eagerly by
+    :func:`_planar_inverse` (fixed budgets per layer, then the safeguarded solver).
+    """
+    steps = newton_budget(10.0, x.dtype)
+    grad = _needs_grad(x, p)
+    one, zero = x.new_ones(()), x.new_zeros(())
+    z, logdet, roots, lasts = x, x.new_zeros(x.shape[0]), [], []
+    for i in range(p.u.shape[0] - 1, -1, -1):
+        c = torch.addmv(p.b[i], z, p.w[i])  # s + α tanh(s) = c = wᵀz + b, s = pre-activation
+        with torch.no_grad():
+            root, last = tanh_newton(c, p.wu[i], 1 + p.wu[i], steps)
+        roots.append(root)
+        lasts.append(last)
+        if grad:
+            root = implicit_step(root, c, p.wu[i], one, zero, act)
+        z = z - torch.tanh(root).unsqueeze(-1) * p.u[i]
+        logdet = logdet - torch.log1p(p.wu[i] * act.derivative(root))
+    alpha = p.wu.detach().flip(0).unsqueeze(-1)  # the layers in the order solved
+    if not newton_converged(alpha, torch.stack(lasts), torch.stack(roots)):
+        return _planar_inverse_eager(x, p, act)
+    return z, logdet
+
+
+_planar_inverse_eager = torch.compiler.disable(_planar_inverse)
 
 
 # -- Householder ---------------------------------------------------------------------------------
@@ -529,12 +572,13 @@ def _sylvester_tanh_roots(x: Tensor, p: SylvesterParams) -> tuple[Tensor, Tensor
 # -- dispatch ------------------------------------------------------------------------------------
 def _forward_run(stack: LayerStack, z: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     layer = stack.template
-    if isinstance(layer, Planar):
+    eager = not torch.compiler.is_compiling()  # compiled: plain ops (below), fused by the compiler
+    if isinstance(layer, Planar) and eager:
         p = layer.constrain(stack.raw(start, stop))
         if not _needs_grad(z, p):
             return _planar_forward_eval(z, p, layer.act)
         return _PlanarRun.apply(z, p.u, p.w, p.b, p.wu, layer.act)
-    if isinstance(layer, Radial):
+    if isinstance(layer, Radial) and eager:
         p = layer.constrain(stack.raw(start, stop))
         if not _needs_grad(z, p):
             return _radial_forward_eval(z, p)
@@ -553,8 +597,10 @@ def _forward_run(stack: LayerStack, z: Tensor, start: int, stop: int) -> tuple[T
 
 def _inverse_run(stack: LayerStack, x: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     layer = stack.template
-    if isinstance(layer, Planar):
+    if isinstance(layer, Planar) and not torch.compiler.is_compiling():
         return _planar_inverse(x, layer.constrain(stack.raw(start, stop)), layer.act)
+    if isinstance(layer, Planar) and layer.act.name == "tanh":
+        return _planar_tanh_inverse_traced(x, layer.constrain(stack.raw(start, stop)), layer.act)
     if isinstance(layer, Householder):
         return x @ _householder_product(stack.raw(start, stop)["v"]).transpose(-1, -2), x.new_zeros(x.shape[0])
     if isinstance(layer, Sylvester):

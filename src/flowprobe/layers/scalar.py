@@ -33,7 +33,7 @@ from torch import Tensor
 
 from flowprobe.activations import Activation
 
-__all__ = ["NEWTON_BUDGETS", "newton_budget", "newton_converged", "solve_scalar", "tanh_newton"]
+__all__ = ["NEWTON_BUDGETS", "implicit_step", "newton_budget", "newton_converged", "solve_scalar", "tanh_newton"]
 
 MAX_ITERATIONS = 100
 # Newton iterations for ``s + α tanh(s) = c`` from the hard-tanh start: ``(low, high, steps)`` bins,
@@ -173,6 +173,15 @@ def _solve_tanh(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor) -> Tensor
     return y - alpha * torch.tanh(s)
 
 
+def _find_root(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Activation) -> Tensor:
+    """The root without autograd: fixed-budget Newton for tanh, else (or if its check fails) rtsafe."""
+    root = _solve_tanh(y, alpha, beta, gamma) if act.name == "tanh" else None
+    return _solve_newton(y, alpha, beta, gamma, act) if root is None else root
+
+
+_find_root_eager = torch.compiler.disable(_find_root)  # under torch.compile: host checks, run eagerly
+
+
 def solve_scalar(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Activation) -> Tensor:
     """Solve ``v + α h(βv + γ) = y`` element-wise (all arguments broadcast).
 
@@ -190,12 +199,21 @@ def solve_scalar(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Act
     """
     with torch.no_grad():
         args = (y.detach(), alpha.detach(), beta.detach(), gamma.detach())
-        root = _solve_tanh(*args) if act.name == "tanh" else None
-        if root is None:
-            solve = _solve_piecewise_linear if act.piecewise_linear else _solve_newton
-            root = solve(*args, act)
+        if act.piecewise_linear:
+            root = _solve_piecewise_linear(*args, act)
+        else:
+            root = (_find_root_eager if torch.compiler.is_compiling() else _find_root)(*args, act)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (y, alpha, beta, gamma)):
         return root
+    return implicit_step(root, y, alpha, beta, gamma, act)
+
+
+def implicit_step(root: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Activation) -> Tensor:
+    """One Newton step from a root ``v*`` of ``v + α h(βv + γ) = y``, with the slope detached.
+
+    ``v = v* − (g(v*) − y)/g'(v*)``: its value is ``v*`` (up to rounding) and its derivatives with
+    respect to ``y, α, β, γ`` are those of the implicit function theorem.
+    """
     pre = beta * root + gamma
     residual = root + alpha * act.fn(pre) - y
     slope = (1 + alpha * beta * act.derivative(pre)).detach()
