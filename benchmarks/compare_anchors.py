@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -408,9 +407,9 @@ def memory_child(lib: str, family: str, k: int, n: int, measure: str) -> None:
     """Print one measure of one training step's memory, after two warm-up steps at batch 1.
 
     ``tensor_peak_bytes``: :func:`_peak_tensor_bytes` of the step (the headline measure).
-    ``rss_peak_bytes``: the increase of the process's peak resident set (``ru_maxrss``) over the
-    step; page granular and shaped by the allocator (memory reused from earlier frees is invisible,
-    one large fresh buffer is not), so it is reported for completeness only.
+    ``rss_peak_bytes``: :func:`_peak_rss_increase` of the step; page granular and shaped by the
+    allocator (memory reused from earlier frees is invisible, one large fresh buffer is not), so it
+    is reported for completeness.
     """
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -425,10 +424,28 @@ def memory_child(lib: str, family: str, k: int, n: int, measure: str) -> None:
     if measure == "tensor_peak_bytes":
         value = _peak_tensor_bytes(step)
     else:
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        step()
-        value = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+        value = _peak_rss_increase(step)
     print(json.dumps({measure: value}))
+
+
+def _status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (Linux)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+def _peak_rss_increase(step: Callable[[], None]) -> int:
+    """Peak resident set during ``step`` minus the resident set before it, in bytes.
+
+    Uses the process's own high-water mark ``VmHWM``, reset just before the step (``clear_refs``
+    5, Linux ≥ 4.0); ``getrusage``'s ``ru_maxrss`` would not do: Linux carries it across ``exec``, so
+    a child started by a large benchmark process would inherit the parent's peak.
+    """
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    step()
+    return (_status_kib("VmHWM") - before) * 1024
 
 
 def memory(family: str, k: int, n: int) -> dict[str, dict[str, float] | str]:
