@@ -476,11 +476,12 @@ def _planar_tanh_inverse_traced(x: Tensor, p: PlanarParams, act: Activation) -> 
         z = z - torch.tanh(root).unsqueeze(-1) * p.u[i]
         logdet = logdet - torch.log1p(p.wu[i] * act.derivative(root))
     alpha = p.wu.detach().flip(0).unsqueeze(-1)  # the layers in the order solved
-    if not newton_converged(alpha, torch.stack(lasts), torch.stack(roots)):
+    if not _newton_converged_eager(alpha, torch.stack(lasts), torch.stack(roots)):
         return _planar_inverse_eager(x, p, act)
     return z, logdet
 
 
+_newton_converged_eager = torch.compiler.disable(newton_converged)  # the graph break, without a warning
 _planar_inverse_eager = torch.compiler.disable(_planar_inverse)
 
 
