@@ -276,3 +276,15 @@ def test_planar_inverse_gradients_survive_the_fallback(monkeypatch):
     torch.testing.assert_close(ld_f, ld_l, atol=TOL, rtol=0)
     for g_f, g_l in zip(grads_f, grads_l, strict=True):
         torch.testing.assert_close(g_f, g_l, atol=1e-12, rtol=1e-12)
+
+
+def test_radial_inverse_run_at_a_centre():
+    """``x = z0`` of the last layer: zero radius there. Values equal the layer path; the log-det has a
+    kink in ``‖x − z0‖`` there (no gradient), so the gradients only need to be finite."""
+    flow = make_flow("radial", dim=3, k=4)
+    x = torch.cat([flow.layers[-1].z0.detach().unsqueeze(0), torch.randn(5, 3, dtype=torch.float64)])
+    out_f, ld_f, grads_f = evaluate(flow, "inverse", x, fusion=True)
+    out_l, ld_l, _ = evaluate(flow, "inverse", x, fusion=False)
+    torch.testing.assert_close(out_f, out_l, atol=TOL, rtol=0)
+    torch.testing.assert_close(ld_f, ld_l, atol=TOL, rtol=0)
+    assert all(bool(torch.isfinite(g).all()) for g in grads_f)

@@ -22,14 +22,15 @@ On the stacked parameters, a run is evaluated with:
   backward the implicit-function gradients in five ops per layer;
 * **radial**: one autograd Function for the whole run with an analytic backward (the forward keeps
   each layer's ``z − z0`` and radius; five ops and two passes over the points per layer each way,
-  everything else batched over the run);
+  everything else batched over the run); the inverse in closed form carrying only ``x − z0``, with
+  autograd plus one implicit-function step through the forward Function (:func:`_radial_inverse`);
 * **Householder**: the product of all reflections of the run as one ``d × d`` matrix (built for
   the ``K`` layers at once), applied with one matrix product; the inverse uses its transpose;
 * **Sylvester**: the products ``QR`` and ``QR̃ᵀ`` precomputed for the run, two matrix products
   per layer, log-determinants of the whole run in one batched expression;
   the inverse of a tanh run without autograd is one back-substitution per layer with fixed Newton
   budgets per column and one convergence check for the run (:func:`_sylvester_tanh_roots`);
-* other families (general Sylvester; radial inverses) and other Sylvester inverses: the batched
+* other families (general Sylvester) and other Sylvester inverses: the batched
   reparametrisation, then the layer's own ``transform`` / ``invert`` per layer.
 
 Under ``torch.compile`` (``torch.compiler.is_compiling()``) the planar and radial runs are traced as
@@ -61,7 +62,7 @@ from flowprobe.activations import Activation
 from flowprobe.layers.base import FlowLayer
 from flowprobe.layers.householder import Householder, reflect
 from flowprobe.layers.planar import Planar, PlanarParams
-from flowprobe.layers.radial import Radial, RadialParams
+from flowprobe.layers.radial import Radial, RadialParams, source_radius
 from flowprobe.layers.scalar import implicit_step, newton_budget, newton_converged, solve_scalar, tanh_newton
 from flowprobe.layers.sylvester import GeneralSylvester, Sylvester, SylvesterParams
 
@@ -485,6 +486,55 @@ _newton_converged_eager = torch.compiler.disable(newton_converged)  # the graph 
 _planar_inverse_eager = torch.compiler.disable(_planar_inverse)
 
 
+def _radial_roots(x: Tensor, p: RadialParams) -> tuple[Tensor, Tensor, Tensor]:
+    """Invert a radial run without autograd (closed form per layer, see :class:`Radial`).
+
+    Layer ``k`` at ``y``: ``δ = y − z0_k``, ``r`` = :func:`source_radius` of ``‖δ‖`` and
+    ``z − z0_k = δ (α + r)/(α + β + r)``; only ``δ`` is carried from layer to layer.
+
+    Returns:
+        ``z``, every layer's source-side ``z − z0_k`` ``(K, N, d)`` and radius ``(K, N)``.
+    """
+    k = p.z0.shape[0]
+    diffs, radius = x.new_empty(k, *x.shape), x.new_empty(k, x.shape[0])
+    z0s, shifts = p.z0.unbind(0), (p.z0[1:] - p.z0[:-1]).unbind(0)
+    delta = x - z0s[-1]
+    for i in range(k - 1, -1, -1):
+        r = torch.linalg.vector_norm(delta, dim=-1, out=radius[i])
+        r.copy_(source_radius(r, p.alpha[i], p.beta[i]))
+        scale = torch.div(r + p.alpha[i], r + (p.alpha[i] + p.beta[i])).unsqueeze(-1)
+        torch.mul(delta, scale, out=diffs[i])
+        delta = diffs[i] + shifts[i - 1] if i > 0 else diffs[0] + z0s[0]
+    return delta, diffs, radius
+
+
+def _radial_inverse(x: Tensor, p: RadialParams) -> tuple[Tensor, Tensor]:
+    """Inverse of a radial run: :func:`_radial_roots`, with autograd plus one implicit step.
+
+    With autograd, ``z = z* − J⁻¹ (f(z*) − x)`` where ``z*`` is the root, ``f`` the run's forward
+    (:class:`_RadialRun`, parameters attached) and ``J⁻¹`` the inverse Jacobian at ``z*`` with
+    detached coefficients: its value is ``z*`` and its derivatives are the implicit function
+    theorem's. Layer ``k``'s Jacobian is ``A I + c δδᵀ`` (``A = 1 + βh``, ``c = −βh²/r``), inverted
+    by Sherman–Morrison; the log-det is the forward's at ``z``.
+    """
+    dim = x.shape[-1]
+    if not _needs_grad(x, p):
+        z, _, radius = _radial_roots(x, p)
+        return z, -_radial_logdet(dim, radius, p.alpha, p.beta)
+    with torch.no_grad():
+        root, diffs, radius = _radial_roots(x, RadialParams(*(t.detach() for t in p)))
+        h = 1 / (p.alpha.detach().unsqueeze(-1) + radius)
+        scale = 1 + p.beta.detach().unsqueeze(-1) * h  # A
+        c = torch.where(radius > 0, -p.beta.detach().unsqueeze(-1) * h * h / radius, torch.zeros_like(radius))
+        coef = (c / (scale + c * radius * radius)).unsqueeze(-1)
+        inv_scale = (1 / scale).unsqueeze(-1)
+    v = _RadialRun.apply(root, p.z0, p.alpha, p.beta)[0] - x
+    for i in range(p.z0.shape[0] - 1, -1, -1):  # J⁻¹ = J_1⁻¹ ⋯ J_K⁻¹
+        v = (v - coef[i] * torch.linalg.vecdot(diffs[i], v).unsqueeze(-1) * diffs[i]) * inv_scale[i]
+    z = root - v
+    return z, -_RadialRun.apply(z, p.z0, p.alpha, p.beta)[1]
+
+
 # -- Householder ---------------------------------------------------------------------------------
 def _householder_product(v: Tensor) -> Tensor:
     """The ``d × d`` matrix ``A`` with ``x = z A`` for a run with reflection vectors ``(K, T, d)``."""
@@ -602,6 +652,8 @@ def _inverse_run(stack: LayerStack, x: Tensor, start: int, stop: int) -> tuple[T
         return _planar_inverse(x, layer.constrain(stack.raw(start, stop)), layer.act)
     if isinstance(layer, Planar) and layer.act.name == "tanh":
         return _planar_tanh_inverse_traced(x, layer.constrain(stack.raw(start, stop)), layer.act)
+    if isinstance(layer, Radial) and not torch.compiler.is_compiling():
+        return _radial_inverse(x, layer.constrain(stack.raw(start, stop)))
     if isinstance(layer, Householder):
         return x @ _householder_product(stack.raw(start, stop)["v"]).transpose(-1, -2), x.new_zeros(x.shape[0])
     if isinstance(layer, Sylvester):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from flowprobe.layers.base import FlowLayer, Invertibility, normal_init
 from flowprobe.layers.planar import DEFAULT_MIN_SLOPE, inverse_softplus
 
-__all__ = ["Radial", "RadialParams"]
+__all__ = ["Radial", "RadialParams", "source_radius"]
 
 MIN_ALPHA = 1e-3
 
@@ -22,6 +22,16 @@ class RadialParams(NamedTuple):
     z0: Tensor  # (..., d)
     alpha: Tensor  # (...)
     beta: Tensor  # (...)
+
+
+def source_radius(y_norm: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    """``r = ‖z − z0‖`` from ``ŷ = ‖x − z0‖``: the non-negative root of ``r² + (α + β − ŷ) r − αŷ = 0``.
+
+    Computed without cancellation (``2αŷ/(l + √D)`` when ``l = α + β − ŷ > 0``, else ``(√D − l)/2``).
+    """
+    lin = alpha + beta - y_norm
+    disc = torch.sqrt(lin * lin + 4 * alpha * y_norm)
+    return torch.where(lin > 0, 2 * alpha * y_norm / (lin + disc), (disc - lin) / 2)
 
 
 class Radial(FlowLayer):
@@ -71,10 +81,7 @@ class Radial(FlowLayer):
 
     def invert(self, x: Tensor, p: RadialParams) -> tuple[Tensor, Tensor]:
         diff = x - p.z0
-        y_norm = diff.norm(dim=-1)
-        lin = p.alpha + p.beta - y_norm
-        disc = torch.sqrt(lin * lin + 4 * p.alpha * y_norm)
-        r = torch.where(lin > 0, 2 * p.alpha * y_norm / (lin + disc), (disc - lin) / 2)
+        r = source_radius(diff.norm(dim=-1), p.alpha, p.beta)
         h = 1 / (p.alpha + r)
         bh = p.beta * h
         z = p.z0 + diff / (1 + bh).unsqueeze(-1)
