@@ -63,7 +63,14 @@ from flowprobe.layers.base import FlowLayer
 from flowprobe.layers.householder import Householder, reflect
 from flowprobe.layers.planar import Planar, PlanarParams
 from flowprobe.layers.radial import Radial, RadialParams, source_radius
-from flowprobe.layers.scalar import implicit_step, newton_budget, newton_converged, solve_scalar, tanh_newton
+from flowprobe.layers.scalar import (
+    implicit_step,
+    newton_budget,
+    newton_converged,
+    solve_scalar,
+    tanh_newton,
+    widest_budget,
+)
 from flowprobe.layers.sylvester import GeneralSylvester, Sylvester, SylvesterParams
 
 __all__ = [
@@ -456,13 +463,13 @@ def _planar_tanh_inverse_traced(x: Tensor, p: PlanarParams, act: Activation) -> 
     """Inverse of a planar-tanh run for ``torch.compile``: one traceable graph, one host check.
 
     Every layer runs :func:`~flowprobe.layers.scalar.tanh_newton` with ``α`` left on the device and
-    so the largest tabulated budget (``α ∈ (−1, 10]``), then, with autograd, one
-    :func:`~flowprobe.layers.scalar.implicit_step` (its value is the root, its gradients those of the
-    implicit function theorem, as in ``solve_scalar``). The run's convergence check is its one
+    so the budget of the outermost bin (:func:`~flowprobe.layers.scalar.widest_budget`), then, with
+    autograd, one :func:`~flowprobe.layers.scalar.implicit_step` (its value is the root, its
+    gradients those of the implicit function theorem, as in ``solve_scalar``). The run's convergence check is its one
     synchronisation (a graph break); if it fails, the run is redone eagerly by
     :func:`_planar_inverse` (fixed budgets per layer, then the safeguarded solver).
     """
-    steps = newton_budget(10.0, x.dtype)
+    steps = widest_budget(x.dtype)
     grad = _needs_grad(x, p)
     one, zero = x.new_ones(()), x.new_zeros(())
     z, logdet, roots, lasts = x, x.new_zeros(x.shape[0]), [], []

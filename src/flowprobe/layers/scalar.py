@@ -33,18 +33,26 @@ from torch import Tensor
 
 from flowprobe.activations import Activation
 
-__all__ = ["NEWTON_BUDGETS", "implicit_step", "newton_budget", "newton_converged", "solve_scalar", "tanh_newton"]
+__all__ = [
+    "NEWTON_BUDGETS",
+    "implicit_step",
+    "newton_budget",
+    "newton_converged",
+    "solve_scalar",
+    "tanh_newton",
+    "widest_budget",
+]
 
 MAX_ITERATIONS = 100
 # Newton iterations for ``s + α tanh(s) = c`` from the hard-tanh start: ``(low, high, steps)`` bins,
 # nested, the first that holds α applies; the fewest iterations that reach rounding for every α in
-# the bin (worst relative error over |s| ≤ 14 on a fine α grid, checked in tests/test_fused.py).
-# Other dtypes use the float64 table.
+# the bin (worst relative error over |s| ≤ 14 on a 0.01 α grid below 1e-15 in float64, below the
+# unit roundoff 6e-8 in float32; checked in tests/test_scalar.py). Other dtypes use the float64 table.
 NEWTON_BUDGETS = {
     torch.float64: ((-0.02, 0.02, 2), (-0.3, 0.3, 3), (-0.5, 1.0, 4), (-0.9, 6.0, 5), (-1.0, 10.0, 6)),
-    torch.float32: ((-0.01, 0.01, 1), (-0.25, 0.3, 2), (-0.7, 2.0, 3), (-0.9, 6.0, 4), (-1.0, 10.0, 5)),
+    torch.float32: ((-0.01, 0.01, 1), (-0.3, 0.45, 2), (-0.72, 2.7, 3), (-0.92, 11.0, 4), (-1.0, 20.0, 5)),
 }
-NEWTON_EXTRA_STEPS = 2  # beyond the last bin (α > 10): its budget plus these, then the check decides
+NEWTON_EXTRA_STEPS = 2  # beyond the last bin: its budget plus these, then the check decides
 TANH_CURVATURE = 0.385  # max|tanh''|/2 = 2/(3√3)
 
 
@@ -59,6 +67,11 @@ def newton_budget(alpha: float, dtype: torch.dtype) -> int:
         if low <= alpha <= high:
             return steps
     return bins[-1][2] + NEWTON_EXTRA_STEPS
+
+
+def widest_budget(dtype: torch.dtype) -> int:
+    """The budget of the outermost bin: enough for every α it holds (used when α stays on the device)."""
+    return NEWTON_BUDGETS.get(dtype, NEWTON_BUDGETS[torch.float64])[-1][2]
 
 
 def tanh_newton(
