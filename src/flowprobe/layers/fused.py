@@ -29,7 +29,7 @@ On the stacked parameters, a run is evaluated with:
 * **Sylvester**: the products ``QR`` and ``QR̃ᵀ`` precomputed for the run, two matrix products
   per layer, log-determinants of the whole run in one batched expression;
   the inverse of a tanh run without autograd is one back-substitution per layer with fixed Newton
-  budgets per column and one convergence check for the run (:func:`_sylvester_tanh_roots`);
+  budgets per column and one convergence check for the run (:func:`_sylvester_tanh_inverse`);
 * other families (general Sylvester) and other Sylvester inverses: the batched
   reparametrisation, then the layer's own ``transform`` / ``invert`` per layer.
 
@@ -268,7 +268,7 @@ def _logdet_grads(pre: Tensor, wu: Tensor, grad_logdet: Tensor, act: Activation)
     alpha = wu.unsqueeze(-1)
     slope, curvature = act.derivative(pre), act.second_derivative(pre)
     weight = (slope * alpha).add_(1).reciprocal_().mul_(grad_logdet)
-    grad_alpha = torch.bmm(slope.unsqueeze(1), weight.unsqueeze(-1)).flatten()  # no (K, N) product
+    grad_alpha = _weighted_sums(slope, weight.unsqueeze(-1)).flatten()  # no (K, N) product
     return slope, curvature.mul_(weight).mul_(alpha), grad_alpha
 
 
@@ -448,7 +448,8 @@ class _PlanarInverseRun(torch.autograd.Function):
             torch.mv(g.t(), minus_hidden[i], out=grad_u[i])
             g = torch.addr(g, d_c_i, ws[i])
         grad_w = _weighted_sums(d_c, inputs)
-        return g, grad_u, grad_w, d_c.sum(1), grad_wu + (minus_hidden * d_c).sum(1), None
+        grad_wu += _weighted_sums(d_c, minus_hidden.unsqueeze(-1)).flatten()
+        return g, grad_u, grad_w, d_c.sum(1), grad_wu, None
 
 
 def _planar_inverse(x: Tensor, p: PlanarParams, act: Activation) -> tuple[Tensor, Tensor]:
@@ -465,9 +466,9 @@ def _planar_tanh_inverse_traced(x: Tensor, p: PlanarParams, act: Activation) -> 
     Every layer runs :func:`~flowprobe.layers.scalar.tanh_newton` with ``α`` left on the device and
     so the budget of the outermost bin (:func:`~flowprobe.layers.scalar.widest_budget`), then, with
     autograd, one :func:`~flowprobe.layers.scalar.implicit_step` (its value is the root, its
-    gradients those of the implicit function theorem, as in ``solve_scalar``). The run's convergence check is its one
-    synchronisation (a graph break); if it fails, the run is redone eagerly by
-    :func:`_planar_inverse` (fixed budgets per layer, then the safeguarded solver).
+    gradients those of the implicit function theorem, as in ``solve_scalar``). The run's
+    convergence check is its one synchronisation (a graph break); if it fails, the run is redone
+    eagerly by :func:`_planar_inverse` (fixed budgets per layer, then the safeguarded solver).
     """
     steps = widest_budget(x.dtype)
     grad = _needs_grad(x, p)
@@ -575,7 +576,7 @@ def _sylvester_forward(stack: LayerStack, z: Tensor, start: int, stop: int) -> t
     p = _sylvester_params(stack, start, stop)
     into_hidden = p.q @ p.r_tilde.transpose(-1, -2)  # (K, d, m): pre = z Q R̃ᵀ + b
     out_of_hidden = (p.q @ p.r).transpose(-1, -2)  # (K, m, d): x = z + h (QR)ᵀ
-    diag = torch.diagonal(p.r, dim1=-2, dim2=-1) * torch.diagonal(p.r_tilde, dim1=-2, dim2=-1)
+    diag = layer._diag_product(p)
     logdet = z.new_zeros(z.shape[0])
     for i in range(stop - start):
         pre = torch.addmm(p.b[i], z, into_hidden[i])
@@ -585,7 +586,7 @@ def _sylvester_forward(stack: LayerStack, z: Tensor, start: int, stop: int) -> t
     return z, logdet
 
 
-def _sylvester_tanh_roots(x: Tensor, p: SylvesterParams) -> tuple[Tensor, Tensor] | None:
+def _sylvester_tanh_inverse(x: Tensor, p: SylvesterParams, act: Activation) -> tuple[Tensor, Tensor] | None:
     """Invert a tanh Sylvester run without autograd by back-substitution with fixed Newton budgets.
 
     Layer ``k`` at ``y``: with ``c = Qᵀy`` and ``v = Qᵀz``, ``c = v + R h(R̃v + b)``; for
@@ -596,8 +597,7 @@ def _sylvester_tanh_roots(x: Tensor, p: SylvesterParams) -> tuple[Tensor, Tensor
     ``(m, N)`` buffers updated in place.
 
     Returns:
-        ``z`` and the pre-activations ``(K, m, N)``, or ``None`` when the one convergence check
-        of the run fails.
+        ``(z, log|det ∂z/∂x|)``, or ``None`` when the one convergence check of the run fails.
     """
     k, m = p.r.shape[0], p.r.shape[-1]
     r_diag, rt_diag = torch.diagonal(p.r, dim1=-2, dim2=-1), torch.diagonal(p.r_tilde, dim1=-2, dim2=-1)
@@ -624,7 +624,9 @@ def _sylvester_tanh_roots(x: Tensor, p: SylvesterParams) -> tuple[Tensor, Tensor
                 c[:i].addr_(r[:i, i], h, alpha=-1)
                 gamma[:i].addr_(r_tilde[:i, i], v[i])
         z = torch.addmm(outside, v.t(), q.t())
-    return (z, pre) if newton_converged(alpha.unsqueeze(-1), last, pre) else None
+    if not newton_converged(alpha.unsqueeze(-1), last, pre):
+        return None
+    return z, -_planar_logdet(pre.flatten(0, 1), alpha.flatten(), act)
 
 
 # -- dispatch ------------------------------------------------------------------------------------
@@ -655,22 +657,21 @@ def _forward_run(stack: LayerStack, z: Tensor, start: int, stop: int) -> tuple[T
 
 def _inverse_run(stack: LayerStack, x: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     layer = stack.template
-    if isinstance(layer, Planar) and not torch.compiler.is_compiling():
+    eager = not torch.compiler.is_compiling()
+    if isinstance(layer, Planar) and eager:
         return _planar_inverse(x, layer.constrain(stack.raw(start, stop)), layer.act)
     if isinstance(layer, Planar) and layer.act.name == "tanh":
         return _planar_tanh_inverse_traced(x, layer.constrain(stack.raw(start, stop)), layer.act)
-    if isinstance(layer, Radial) and not torch.compiler.is_compiling():
+    if isinstance(layer, Radial) and eager:
         return _radial_inverse(x, layer.constrain(stack.raw(start, stop)))
     if isinstance(layer, Householder):
         return x @ _householder_product(stack.raw(start, stop)["v"]).transpose(-1, -2), x.new_zeros(x.shape[0])
     if isinstance(layer, Sylvester):
         params = _sylvester_params(stack, start, stop)
         if layer.act.name == "tanh" and not _needs_grad(x, params):
-            solved = _sylvester_tanh_roots(x, params)
+            solved = _sylvester_tanh_inverse(x, params, layer.act)
             if solved is not None:
-                alpha = torch.diagonal(params.r, dim1=-2, dim2=-1) * torch.diagonal(params.r_tilde, dim1=-2, dim2=-1)
-                z, pre = solved
-                return z, -_planar_logdet(pre.flatten(0, 1), alpha.flatten(), layer.act)
+                return solved
     else:
         params = layer.constrain(stack.raw(start, stop))
     logdet = x.new_zeros(x.shape[0])
