@@ -13,6 +13,8 @@ settings.register_profile(
 )
 settings.load_profile("ci")
 
+import tests.layers.custom_family  # noqa: F401, E402  (a family defined outside flowprobe, registered)
+
 DTYPES = [torch.float32, torch.float64]
 
 

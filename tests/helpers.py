@@ -1,48 +1,44 @@
-"""Shared test harness: every layer family × activation as a case, and reference Jacobians."""
+"""Shared test harness: every registered layer family × configuration as a case, and reference Jacobians."""
 
 from __future__ import annotations
 
 import torch
 from torch.func import jacrev, vmap
 
-import flowprobe as fp
-from flowprobe.activations import ACTIVATIONS
+from flowprobe.layers import FlowLayer, families
 
 SMOOTH = ["tanh", "sigmoid", "arctan", "softplus", "elu"]
 PIECEWISE = ["relu", "leaky_relu", "identity"]
 
 
-def layer_cases() -> dict:
-    """name -> factory(dim) for every layer configuration under test."""
-    cases = {f"planar-{a}": (lambda d, a=a: fp.Planar(d, a)) for a in ACTIVATIONS}
-    cases["radial"] = fp.Radial
-    for kind in ("orthogonal", "householder", "triangular"):
-        for a in ("tanh", "sigmoid", "softplus", "elu", "relu", "leaky_relu"):
-            hidden = None if kind == "triangular" else "less"
-            cases[f"sylvester-{kind}-{a}"] = lambda d, k=kind, a=a, h=hidden: fp.Sylvester(
-                d, hidden=d if h is None else max(1, d - 1), kind=k, activation=a
-            )
-    cases["sylvester-triangular-flip"] = lambda d: fp.Sylvester(d, kind="triangular", flip=True)
-    cases["householder"] = lambda d: fp.Householder(d, reflections=3)
-    cases["general-sylvester"] = lambda d: fp.GeneralSylvester(d, hidden=2)
-    return cases
+def layer_cases(dim: int = 3) -> dict[str, tuple[type[FlowLayer], dict]]:
+    """case name -> (family class, constructor keywords) for every example of every registered family."""
+    return {case: (fam.cls, kwargs) for fam in families().values() for case, kwargs in fam.examples(dim).items()}
 
 
 CASES = layer_cases()
 
 
-def autograd_logdet(layer, z: torch.Tensor, params=None, with_accuracy: bool = False):
-    """log|det ∂x/∂z| from the full autograd Jacobian, point by point.
+def make(case: str, dim: int = 3, dtype=torch.float64, layers: int = 1, ensemble=()) -> FlowLayer:
+    """A stack of the case's family (cases are built for ``dim = 3``; others rebuild the table)."""
+    cls, kwargs = (CASES if dim == 3 else layer_cases(dim))[case]
+    return cls(dim, layers=layers, ensemble=ensemble, **kwargs).to(dtype)
+
+
+def perturb(module: torch.nn.Module, scale: float = 0.3) -> None:
+    """Move every parameter away from the (near-identity) initialisation."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def autograd_logdet(layer, z: torch.Tensor, with_accuracy: bool = False):
+    """log|det ∂x/∂z| from the full autograd Jacobian of a stack (or view), point by point.
 
     With ``with_accuracy``, also the reference's own accuracy: LU-based ``slogdet`` is accurate to
     about ``d·eps·cond(J)`` (used for adversarial parameters where ``J`` is ill-conditioned).
     """
-    p = layer.constrained() if params is None else params
-
-    def single(v):
-        return layer.transform(v.unsqueeze(0), p)[0].squeeze(0)
-
-    jac = vmap(jacrev(single))(z)
+    jac = vmap(jacrev(lambda v: forward_plain(layer, v.unsqueeze(0))[0].squeeze(0)))(z)
     logdet = torch.linalg.slogdet(jac).logabsdet
     if not with_accuracy:
         return logdet
@@ -50,10 +46,23 @@ def autograd_logdet(layer, z: torch.Tensor, params=None, with_accuracy: bool = F
     return logdet, 10 * z.shape[1] * eps * torch.linalg.cond(jac)
 
 
-def set_raw(layer, values: dict) -> None:
-    with torch.no_grad():
-        for name, value in values.items():
-            getattr(layer, name).copy_(torch.as_tensor(value))
+def forward_plain(layer, z: torch.Tensor):
+    """The layer's forward without validation (usable inside ``torch.func`` transforms)."""
+    stack = getattr(layer, "stack", layer)
+    p = layer.constrained()
+    return stack.forward_run(z, p)
+
+
+def inverse_plain(layer, x: torch.Tensor):
+    """The layer's inverse without validation."""
+    stack = getattr(layer, "stack", layer)
+    return stack.inverse_run(x, layer.constrained())
+
+
+def set_raw(layer: FlowLayer, values: dict) -> None:
+    """Set a one-layer stack's raw parameters (per-layer shapes; every ensemble member alike)."""
+    for name, value in values.items():
+        layer._write(name, 0, torch.as_tensor(value))
 
 
 def batch_jacobian(fn, x: torch.Tensor) -> torch.Tensor:

@@ -116,8 +116,10 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_run_intact(moons_run, tmp_p
 def test_bad_input_through_the_console_process(tmp_path):
     proc = _run("fit", "--flow", "householder:2:q=3", "--energy", "U1", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["flowprobe fit: error: flow spec term 'householder:2:q=3': "
-                                                "unknown option key 'q'"]
+    assert proc.stderr.strip().splitlines() == [
+        "flowprobe fit: error: flow spec term 'householder:2:q=3': "
+        "option 'q' does not apply to householder layers (keys: reflections, k)"
+    ]
     assert not (tmp_path / "x").exists()
 
 

@@ -7,7 +7,7 @@ from flowprobe.spec import build_flow, parse_spec
 
 def test_chain_builds_every_family_in_order():
     flow = build_flow("planar:3:relu:min_slope=0.1+radial:2+sylvester:4:triangular+householder:2:k=3", 2)
-    kinds = [type(layer) for layer in flow.layers]
+    kinds = [type(layer.stack) for layer in flow.layers]
     assert kinds == [Planar] * 3 + [Radial] * 2 + [Sylvester] * 4 + [Householder] * 2
     assert flow.layers[0].act.name == "relu" and flow.layers[0].min_slope == 0.1
     assert [layer.flip for layer in flow.layers[5:9]] == [False, True, False, True]

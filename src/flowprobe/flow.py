@@ -1,7 +1,9 @@
-"""``Flow``: a source density pushed through a stack of layers, with exact likelihood."""
+"""``Flow``: a source density pushed through layer stacks, with exact likelihood."""
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -9,11 +11,12 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Transform, TransformedDistribution, constraints
 
 from flowprobe.distributions import Density
-from flowprobe.layers import fused
-from flowprobe.layers.base import FlowLayer, RawParams
-from flowprobe.validation import check_points
+from flowprobe.layers.base import FlowLayer, LayerView, RawParams, stream
+from flowprobe.validation import check_dtype, check_points
 
-__all__ = ["Flow"]
+__all__ = ["Flow", "FlowDistribution", "FlowTransform"]
+
+StackParams = Sequence[RawParams | None] | None
 
 
 class Flow(nn.Module):
@@ -23,98 +26,154 @@ class Flow(nn.Module):
     ``log_prob`` evaluates it at any ``x`` through the layers' inverses; ``rsample_and_log_prob``
     uses only the cheap forward direction.
 
+    The flow composes the layer stacks it is given and never changes them: their parameters are
+    the flow's (``flow.stacks[j].u`` is the object you built), and an optimiser made on them
+    before the flow existed trains the flow. ``flow.layers`` lists every layer as a
+    :class:`~flowprobe.layers.base.LayerView`.
+
+    Ensembles: stacks built with ``ensemble=E`` make ``E`` independent flows evaluated in the same
+    ops; points are ``(*E, N, dim)`` (``(N, dim)`` is seen by every member) and log-densities
+    ``(*E, N)``. Stacks without an ensemble shape are shared by every member.
+
+    Without autograd, evaluation streams over chunks of points, so its memory does not grow with
+    the depth.
+
     Args:
         base: The source density ``q`` (e.g. :class:`~flowprobe.StandardNormal`).
-        layers: Layers applied in order, all of dimension ``base.dim``.
+        layers: Layer stacks applied in order, all of dimension ``base.dim``.
     """
 
     def __init__(self, base: Density, layers: Sequence[FlowLayer]) -> None:
         super().__init__()
-        for i, layer in enumerate(layers):
-            if layer.dim != base.dim:
-                raise ValueError(f"layer {i} ({type(layer).__name__}) has dim {layer.dim}, base has dim {base.dim}")
+        shapes = set()
+        for i, stack in enumerate(layers):
+            if not isinstance(stack, FlowLayer):
+                raise ValueError(f"layer {i} is a {type(stack).__name__}, not a flowprobe layer family (FlowLayer)")
+            if stack.dim != base.dim:
+                raise ValueError(f"layer {i} ({type(stack).__name__}) has dim {stack.dim}, base has dim {base.dim}")
+            if stack.ensemble_shape:
+                shapes.add(stack.ensemble_shape)
+        if len(shapes) > 1:
+            raise ValueError(f"layer stacks have different ensemble shapes: {sorted(shapes)}")
         self.base = base
-        self.layers = nn.ModuleList(layers)
+        self.stacks = nn.ModuleList(layers)
         self.dim = base.dim
-        # Runs of same-family layers share stacked parameters and are evaluated fused (layers/fused.py).
-        self.stacks = nn.ModuleList(fused.fuse(self.layers))
-        self.register_state_dict_post_hook(fused.state_dict_hook)
-        self.register_load_state_dict_pre_hook(fused.load_state_dict_pre_hook)
+        self.ensemble_shape: tuple[int, ...] = shapes.pop() if shapes else ()
 
-    def _params(self, params: Sequence[RawParams | None] | None, batch: int) -> list:
+    @property
+    def layers(self) -> tuple[LayerView, ...]:
+        """Every layer, in order (views into the stacks)."""
+        return tuple(view for stack in self.stacks for view in stack)
+
+    @property
+    def depth(self) -> int:
+        """The number of layers."""
+        return sum(stack.depth for stack in self.stacks)
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _check(self, points: Tensor, name: str) -> Tensor:
+        points = check_dtype(check_points(points, self.dim, name, self.ensemble_shape), self, name)
+        if self.ensemble_shape and points.dim() == 2:
+            points = points.expand(*self.ensemble_shape, *points.shape)
+        return points
+
+    def _stack_params(self, params: StackParams) -> list[RawParams | None]:
         if params is None:
-            return [layer.constrained() for layer in self.layers]
-        return [layer.constrained(p, batch) for layer, p in zip(self.layers, params)]
+            return [None] * len(self.stacks)
+        if len(params) != len(self.stacks):
+            raise ValueError(f"params must hold one entry per layer stack ({len(self.stacks)}), got {len(params)}")
+        return list(params)
 
-    def _fused(self, params: Sequence[RawParams | None] | None) -> bool:
-        """Check ``params`` and say whether the fused path (own parameters only) applies."""
-        if params is not None and len(params) != len(self.layers):
-            raise ValueError(f"params must hold one entry per layer ({len(self.layers)}), got {len(params)}")
-        return fused.usable(params) and len(self.layers) > 0
+    def _run(self, points: Tensor, params: StackParams, inverse: bool) -> tuple[Tensor, Tensor]:
+        pairs = list(zip(self.stacks, self._stack_params(params)))
 
-    def forward(self, z: Tensor, params: Sequence[RawParams | None] | None = None) -> tuple[Tensor, Tensor]:
+        def run(chunk: Tensor) -> tuple[Tensor, Tensor]:
+            logdet = chunk.new_zeros(chunk.shape[:-1])
+            for stack, p in reversed(pairs) if inverse else pairs:
+                constrained = stack.constrain(stack._run_raw(chunk, p))
+                chunk, ld = stack.inverse_run(chunk, constrained) if inverse else stack.forward_run(chunk, constrained)
+                logdet = logdet + ld
+            return chunk, logdet
+
+        if params is not None:
+            return run(points)
+        return stream(run, points, sum(stack.stream_width() for stack in self.stacks))
+
+    def forward(self, z: Tensor, params: StackParams = None) -> tuple[Tensor, Tensor]:
         """Push source points through all layers.
 
         Args:
-            z: ``(N, dim)``.
-            params: Optional per-layer batched raw parameters (``None`` entries use the layer's own).
+            z: ``(N, dim)`` (or ``(*E, N, dim)`` for an ensemble).
+            params: Optional raw parameters per stack (``None`` entries use the stack's own), each
+                ``{name: (*B, K, *shape)}`` as :meth:`FlowLayer.unflatten` makes them.
 
         Returns:
-            ``(x, logdet)``: data points and ``Σ_k log|det J_k|``, shapes ``(N, dim)``, ``(N,)``.
+            ``(x, logdet)``: data points and ``Σ_k log|det J_k|``.
         """
-        z = check_points(z, self.dim, "z")
-        if self._fused(params):
-            return fused.forward_layers(self.layers, z)
-        logdet = z.new_zeros(z.shape[0])
-        for layer, p in zip(self.layers, self._params(params, z.shape[0])):
-            z, ld = layer.transform(z, p)
-            logdet = logdet + ld
-        return z, logdet
+        return self._run(self._check(z, "z"), params, inverse=False)
 
-    def inverse(self, x: Tensor, params: Sequence[RawParams | None] | None = None) -> tuple[Tensor, Tensor]:
+    def inverse(self, x: Tensor, params: StackParams = None) -> tuple[Tensor, Tensor]:
         """Pull data points back to the source; returns ``(z, log|det ∂z/∂x|)``."""
-        x = check_points(x, self.dim, "x")
-        if self._fused(params):
-            return fused.inverse_layers(self.layers, x)
-        logdet = x.new_zeros(x.shape[0])
-        pairs = list(zip(self.layers, self._params(params, x.shape[0])))
-        for layer, p in reversed(pairs):
-            x, ld = layer.invert(x, p)
-            logdet = logdet + ld
-        return x, logdet
+        return self._run(self._check(x, "x"), params, inverse=True)
 
-    def log_prob(self, x: Tensor, params: Sequence[RawParams | None] | None = None) -> Tensor:
-        """Exact log-density of the flow at ``x`` (through the inverses), shape ``(N,)``."""
+    def _base_log_prob(self, z: Tensor) -> Tensor:
+        return self.base._log_prob(z.reshape(-1, self.dim)).reshape(z.shape[:-1])
+
+    def log_prob(self, x: Tensor, params: StackParams = None) -> Tensor:
+        """Exact log-density of the flow at ``x`` (through the inverses), shape ``(..., N)``."""
         z, logdet_inv = self.inverse(x, params)
-        return self.base._log_prob(z) + logdet_inv
+        return self._base_log_prob(z) + logdet_inv
+
+    def _source(self, n: int) -> Tensor:
+        members = math.prod(self.ensemble_shape)
+        return self.base.rsample(n * members).reshape(*self.ensemble_shape, n, self.dim)
 
     def rsample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
-        """``n`` reparametrised samples and their log-density, forward direction only."""
-        z = self.base.rsample(n)
-        log_q = self.base._log_prob(z)
+        """``n`` reparametrised samples (per ensemble member) and their log-density, forward direction only."""
+        z = self._source(n)
         x, logdet = self.forward(z)
-        return x, log_q - logdet
+        return x, self._base_log_prob(z) - logdet
 
     def rsample(self, n: int) -> Tensor:
-        """``n`` reparametrised samples, shape ``(n, dim)``."""
-        return self.forward(self.base.rsample(n))[0]
+        """``n`` reparametrised samples, shape ``(*E, n, dim)``."""
+        return self.forward(self._source(n))[0]
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
-        """``n`` samples without gradient, shape ``(n, dim)``."""
+        """``n`` samples without gradient, shape ``(*E, n, dim)``."""
         return self.rsample(n)
 
     @torch.no_grad()
     def stages(self, z: Tensor) -> list[Tensor]:
         """The points before the first and after every layer: ``[z, f_1(z), …, f(z)]``."""
-        z = check_points(z, self.dim, "z")
-        out = [z]
-        for layer, p in zip(self.layers, self._params(None, z.shape[0])):
-            out.append(layer.transform(out[-1], p)[0])
+        out = [self._check(z, "z")]
+        for view in self.layers:
+            out.append(view(out[-1])[0])
         return out
+
+    # -- ensembles -------------------------------------------------------------------------
+    def member(self, index: int | tuple[int, ...]) -> Flow:
+        """Ensemble member ``index`` as a stand-alone flow (a copy; stacks without an ensemble are copied too).
+
+        Raises:
+            ValueError: the flow is not an ensemble.
+        """
+        if not self.ensemble_shape:
+            raise ValueError("this flow is not an ensemble")
+        index = (index,) if isinstance(index, int) else tuple(index)
+        solo = copy.deepcopy(self)
+        for stack in solo.stacks:
+            if stack.ensemble_shape:
+                for name, p in list(stack.named_parameters(recurse=False)):
+                    stack.register_parameter(name, nn.Parameter(p.detach()[index].clone(), p.requires_grad))
+                stack.ensemble_shape = ()
+        solo.ensemble_shape = ()
+        return solo
 
     def as_distribution(self) -> FlowDistribution:
         """This flow as a ``torch.distributions.TransformedDistribution`` (event shape ``(dim,)``)."""
+        if self.ensemble_shape:
+            raise ValueError("an ensemble is not one distribution; use flow.member(i).as_distribution()")
         return FlowDistribution(self)
 
 
@@ -123,16 +182,24 @@ def _flat(x: Tensor, dim: int) -> tuple[Tensor, torch.Size]:
 
 
 class FlowTransform(Transform):
-    """A :class:`Flow`'s layers as a ``torch.distributions.Transform`` (any leading shape)."""
+    """A :class:`Flow`'s layers as a ``torch.distributions.Transform`` (any leading shape).
+
+    Args:
+        flow: The flow.
+        cache_size: 0 or 1, as for any ``Transform``.
+    """
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, flow: Flow) -> None:
-        super().__init__(cache_size=1)
+    def __init__(self, flow: Flow, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
         self.flow = flow
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (x, y, logdet at x)
+
+    def with_cache(self, cache_size: int = 1) -> FlowTransform:
+        return self if self._cache_size == cache_size else FlowTransform(self.flow, cache_size)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FlowTransform) and other.flow is self.flow
@@ -140,45 +207,55 @@ class FlowTransform(Transform):
     def __hash__(self) -> int:
         return id(self.flow)
 
-    def _call(self, x: Tensor) -> Tensor:
+    def _apply(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         flat, shape = _flat(x, self.flow.dim)
-        y, logdet = self.flow(flat)
-        y = y.reshape(*shape, -1)
-        self._last = (x, y, logdet.reshape(shape))
+        if flat.shape[0] == 0:
+            return x.clone(), x.new_zeros(shape)
+        y, logdet = self.flow.inverse(flat) if inverse else self.flow(flat)
+        return y.reshape(*shape, -1), logdet.reshape(shape)
+
+    def _call(self, x: Tensor) -> Tensor:
+        y, logdet = self._apply(x, inverse=False)
+        self._last = (x, y, logdet)
         return y
 
     def _inverse(self, y: Tensor) -> Tensor:
-        flat, shape = _flat(y, self.flow.dim)
-        x, logdet_inv = self.flow.inverse(flat)
-        x = x.reshape(*shape, -1)
-        self._last = (x, y, -logdet_inv.reshape(shape))
+        x, logdet_inv = self._apply(y, inverse=True)
+        self._last = (x, y, -logdet_inv)
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         if self._last is not None and self._last[0] is x and self._last[1] is y:
             return self._last[2]
-        flat, shape = _flat(x, self.flow.dim)
-        return self.flow(flat)[1].reshape(shape)
+        return self._apply(x, inverse=False)[1]
 
 
 class _SourceDistribution(Distribution):
-    """A flowprobe :class:`Density` seen as a ``torch.distributions.Distribution``."""
+    """A flowprobe :class:`Density` as a ``torch.distributions.Distribution`` (optionally batched)."""
 
     arg_constraints: dict = {}
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, density: Density) -> None:
+    def __init__(self, density: Density, batch_shape: torch.Size = torch.Size()) -> None:  # noqa: B008
         self.density = density
-        super().__init__(event_shape=torch.Size([density.dim]), validate_args=False)
+        super().__init__(torch.Size(batch_shape), torch.Size([density.dim]), validate_args=False)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
-        shape = torch.Size(sample_shape)
-        n = max(1, shape.numel())
-        return self.density.rsample(n).reshape(*shape, self.density.dim)
+    def expand(self, batch_shape: Sequence[int], _instance: Distribution | None = None) -> _SourceDistribution:
+        return _SourceDistribution(self.density, torch.Size(batch_shape))
+
+    def rsample(self, sample_shape: Sequence[int] = torch.Size()) -> Tensor:  # noqa: B008
+        shape = self._extended_shape(torch.Size(sample_shape))
+        n = shape[:-1].numel()
+        if n == 0:
+            anchor = self.density.anchor
+            return torch.empty(shape, dtype=anchor.dtype, device=anchor.device)
+        return self.density.rsample(n).reshape(shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
         flat, shape = _flat(value, self.density.dim)
+        if flat.shape[0] == 0:
+            return value.new_zeros(shape)
         return self.density.log_prob(flat).reshape(shape)
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-__all__ = ["check_points", "set_validation", "validation", "validation_enabled"]
+__all__ = ["check_dtype", "check_points", "set_validation", "validation", "validation_enabled"]
 
 _ENABLED = True
 
@@ -40,8 +40,8 @@ def validation(enabled: bool) -> Iterator[None]:
         set_validation(previous)
 
 
-def check_points(x: object, dim: int, name: str = "input") -> Tensor:
-    """Check that ``x`` is a finite, non-empty float tensor of shape ``(N, dim)``.
+def check_points(x: object, dim: int, name: str = "input", ensemble_shape: tuple[int, ...] = ()) -> Tensor:
+    """Check that ``x`` is a finite, non-empty float tensor of shape ``(N, dim)`` (or ``(*E, N, dim)``).
 
     Under ``torch.compile`` only the shape and dtype are checked (they are known while tracing);
     finiteness needs the values, so it is left to eager calls.
@@ -50,6 +50,7 @@ def check_points(x: object, dim: int, name: str = "input") -> Tensor:
         x: The value to check.
         dim: The expected event dimension.
         name: What the value is, for the message.
+        ensemble_shape: ``E`` of an ensemble: ``(*E, N, dim)`` is accepted besides ``(N, dim)``.
 
     Returns:
         ``x`` unchanged.
@@ -59,12 +60,14 @@ def check_points(x: object, dim: int, name: str = "input") -> Tensor:
     """
     if not _ENABLED:
         return x  # type: ignore[return-value]
+    expected = f"(N, {dim})" + (f" or {(*ensemble_shape, 'N', dim)}".replace("'", "") if ensemble_shape else "")
     if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (N, {dim}), got {type(x).__name__}")
-    if x.dim() != 2 or x.shape[1] != dim:
-        raise ValueError(f"{name} must have shape (N, {dim}), got {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch; expected shape (N, {dim}) with N >= 1")
+        raise ValueError(f"{name} must be a torch.Tensor of shape {expected}, got {type(x).__name__}")
+    batched = ensemble_shape and x.dim() == len(ensemble_shape) + 2 and tuple(x.shape[:-2]) == tuple(ensemble_shape)
+    if not (x.dim() == 2 or batched) or x.shape[-1] != dim:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+    if x.shape[-2] == 0:
+        raise ValueError(f"{name} is an empty batch; expected shape {expected} with N >= 1")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if torch.compiler.is_compiling():  # the finiteness check is a host sync: a graph break per call
@@ -73,7 +76,28 @@ def check_points(x: object, dim: int, name: str = "input") -> Tensor:
         return x
     finite = torch.isfinite(x)  # the sum is NaN/inf: a non-finite value, or an overflow of finite ones
     if not bool(finite.all()):
-        rows = (~finite.all(dim=1)).nonzero().flatten()
+        rows = (~finite.all(dim=-1)).reshape(-1, x.shape[-2]).any(0).nonzero().flatten()
         kind = "NaN" if bool(torch.isnan(x).any()) else "inf"
         raise ValueError(f"{name} contains {kind} values in {rows.numel()} row(s), first at row {int(rows[0])}")
+    return x
+
+
+def check_dtype(x: Tensor, module: torch.nn.Module, name: str = "input") -> Tensor:
+    """Check that points ``x`` have the floating-point type of ``module``'s parameters.
+
+    A module's arithmetic follows its parameters; mixing types would either fail deep inside an op
+    or silently compute in one of them, so a mismatch is a one-line error saying how to fix it.
+
+    Raises:
+        ValueError: the types differ.
+    """
+    if not _ENABLED:
+        return x
+    param = next(module.parameters(), None)
+    if param is not None and x.dtype != param.dtype:
+        kind = str(param.dtype).removeprefix("torch.")
+        raise ValueError(
+            f"{name} has dtype {str(x.dtype).removeprefix('torch.')} but the parameters are {kind}; "
+            f"convert the points (x.to(torch.{kind})) or the model (.to(torch.{str(x.dtype).removeprefix('torch.')}))"
+        )
     return x

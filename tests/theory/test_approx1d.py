@@ -106,7 +106,7 @@ def test_collapsed_map_agrees_with_the_layers(blog):
 
 def test_layers_are_ordinary_relu_planar_layers(blog):
     flow = blog[50].flow
-    assert len(flow.layers) == 50 and all(isinstance(la, Planar) and la.act.name == "relu" for la in flow.layers)
+    assert len(flow.layers) == 50 and all(isinstance(la.stack, Planar) and la.act.name == "relu" for la in flow.layers)
     assert all(la.invertibility().invertible for la in flow.layers)
 
 

@@ -1,17 +1,18 @@
-"""Householder layers (Tomczak & Welling, 2016)."""
+"""Householder layers (Tomczak & Welling, 2016) and the reflection helpers Sylvester bases use."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from flowprobe.layers.base import FlowLayer, Invertibility, inner, normal_init
+from flowprobe.layers.base import FlowLayer, Invertibility, inner, uses_fused_kernels
+from flowprobe.layers.registry import Option, register
 
-__all__ = ["Householder", "reflect", "householder_matrix"]
+__all__ = ["Householder", "householder_matrix", "reflect"]
 
 
 def reflect(z: Tensor, v: Tensor) -> Tensor:
-    """``(I − 2vvᵀ/‖v‖²) z`` for points ``z`` (N, d) and ``v`` (..., d); ``v = 0`` is the identity."""
+    """``(I − 2vvᵀ/‖v‖²) z`` for points ``z`` (..., d) and ``v`` (..., d); ``v = 0`` is the identity."""
     v_sq = inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)
     return z - (2 * inner(z, v) / v_sq).unsqueeze(-1) * v
 
@@ -26,45 +27,82 @@ def householder_matrix(vectors: Tensor, dim: int, columns: int) -> Tensor:
     return q
 
 
+def _run_matrix(v: Tensor) -> Tensor:
+    """The ``d × d`` matrix ``A`` with ``x = z A`` for a shared run with reflection vectors ``(K, T, d)``."""
+    k, t, d = v.shape
+    rows = torch.eye(d, dtype=v.dtype, device=v.device).expand(k, d, d)  # rows = basis points
+    for j in range(t):
+        rows = reflect(rows, v[:, j : j + 1, :])
+    return torch.linalg.multi_dot(list(rows.unbind(0))) if k > 1 else rows[0]
+
+
+def _check_reflections(reflections: int) -> int:
+    if not isinstance(reflections, int) or reflections < 1:
+        raise ValueError(f"reflections must be a positive integer, got {reflections!r}")
+    return reflections
+
+
+@register(
+    "householder",
+    options=(Option("reflections", int, aliases=("k",)),),
+    formula="H_k ⋯ H_1 z",
+    inverse="exact (the reflections in reverse order)",
+    examples=lambda dim: {"householder": {"reflections": 3}},
+)
 class Householder(FlowLayer):
-    r"""Householder layer :math:`x = H_k \cdots H_1 z`, :math:`H_t = I - 2 v_t v_t^\top/\lVert v_t\rVert^2`.
+    r"""Householder layers :math:`x = H_k \cdots H_1 z`, :math:`H_t = I - 2 v_t v_t^\top/\lVert v_t\rVert^2`.
 
     Log-det: 0 (each reflection has determinant −1, ``|det| = 1``).
     Constraint: none (``v_t = 0`` is treated as the identity).
-    Inverse: exact, ``z = H_1 \cdots H_k x`` (each reflection is its own inverse).
+    Inverse: exact, ``z = H_1 \cdots H_k x`` (each reflection is its own inverse). A run with
+    shared parameters is applied as one ``d × d`` matrix.
 
     Args:
         dim: Dimension.
-        reflections: Number ``k`` of reflections in the layer.
+        reflections: Number ``k`` of reflections per layer.
+        layers: Number of layers ``K`` in the stack.
+        ensemble: Ensemble shape (see :class:`~flowprobe.layers.base.FlowLayer`).
 
     References:
         J. M. Tomczak, M. Welling. Improving Variational Auto-Encoders using Householder Flow.
         NIPS 2016 workshop. https://arxiv.org/abs/1611.09630
     """
 
-    def __init__(self, dim: int, reflections: int = 1) -> None:
-        super().__init__(dim)
-        if reflections < 1:
-            raise ValueError(f"reflections must be >= 1, got {reflections}")
-        self.reflections = reflections
-        self.v = normal_init((reflections, dim), 1.0)
+    def __init__(
+        self, dim: int, reflections: int = 1, *, layers: int = 1, ensemble: int | tuple[int, ...] = ()
+    ) -> None:
+        super().__init__(dim, layers, ensemble)
+        self.reflections = _check_reflections(reflections)
+        self._init_parameters()
+
+    def init_raw(self) -> dict[str, Tensor]:
+        return {"v": torch.randn(self.reflections, self.dim)}
 
     def constrain(self, raw: dict[str, Tensor]) -> Tensor:
         return raw["v"]
 
-    def _reflect_all(self, z: Tensor, v: Tensor, order: range) -> tuple[Tensor, Tensor]:
-        for t in order:
+    def transform(self, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        for t in range(self.reflections):
             z = reflect(z, v[..., t, :])
-        return z, z.new_zeros(z.shape[0])
+        return z, z.new_zeros(z.shape[:-1])
 
-    def transform(self, z: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
-        return self._reflect_all(z, p, range(self.reflections))
+    def invert(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        for t in range(self.reflections - 1, -1, -1):
+            x = reflect(x, v[..., t, :])
+        return x, x.new_zeros(x.shape[:-1])
 
-    def invert(self, x: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
-        return self._reflect_all(x, p, range(self.reflections - 1, -1, -1))
+    def forward_run(self, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if not uses_fused_kernels(z, v.dim() == 3):
+            return super().forward_run(z, v)
+        return z @ _run_matrix(v), z.new_zeros(z.shape[0])
 
-    def invertibility(self) -> Invertibility:
+    def inverse_run(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if not uses_fused_kernels(x, v.dim() == 3):
+            return super().inverse_run(x, v)
+        return x @ _run_matrix(v).transpose(-1, -2), x.new_zeros(x.shape[0])
+
+    def invertibility(self, layer: int | None = None) -> Invertibility:
         return Invertibility(True, 1.0, "always (orthogonal)")
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, reflections={self.reflections}"
+    def _settings(self) -> str:
+        return f"reflections={self.reflections}"

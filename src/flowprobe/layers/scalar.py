@@ -1,4 +1,5 @@
-"""The scalar monotone equation behind every residual-layer inverse.
+"""The scalar monotone equation behind every residual-layer inverse, and the log-det pieces
+that planar and Sylvester stacks share.
 
 Planar and Sylvester inverses reduce to equations of the form
 
@@ -7,18 +8,16 @@ Planar and Sylvester inverses reduce to equations of the form
     g(v) = v + \\alpha\\, h(\\beta v + \\gamma) = y,
     \\qquad g'(v) = 1 + \\alpha\\beta\\, h'(\\beta v + \\gamma),
 
-solved element-wise over a batch. With ``0 ≤ h' ≤ H`` the slope lies in
+solved element-wise over a batch (``docs/layers.md``). With ``0 ≤ h' ≤ H`` the slope lies in
 ``[s_lo, s_hi] = [min(1, 1 + αβH), max(1, 1 + αβH)]``; the layers guarantee ``s_lo > 0``.
 Then, with ``r = g(y) − y = α h(βy + γ)``, the root is bracketed exactly by
 ``y − r/s_lo`` and ``y − r/s_hi``, and a safeguarded Newton iteration (bisection when Newton
 leaves the bracket) converges for every input. Piecewise-linear ``h`` is solved in closed form.
 
-``tanh`` (the default activation) first tries a fixed Newton budget without synchronisation in
-``s = βv + γ``, where the equation reads ``s + α' tanh(s) = c`` (``α' = αβ``, ``c = βy + γ``):
-:func:`tanh_newton` starts at the exact root for hard-tanh and takes the iterations
-:data:`NEWTON_BUDGETS` assigns to ``α'``; one check of the last Newton step
-(:func:`newton_converged`) confirms the root is exact to rounding, else the safeguarded
-iteration runs. Fused planar runs use the same two functions with one budget per layer.
+An activation with a :class:`~flowprobe.activations.NewtonKernel` (tanh) first tries its fixed
+budget without synchronisation in ``s = βv + γ``, where the equation reads ``s + α' h(s) = c``
+(``α' = αβ``, ``c = βy + γ``); one convergence check confirms the root is exact to rounding, else
+the safeguarded iteration runs.
 
 Gradients: the root is found without autograd, then one Newton step is taken with the slope
 detached, ``v = v* − (g(v*) − y)/g'(v*)``. Its value is ``v*`` and its derivatives are those of the
@@ -28,114 +27,82 @@ of one extra evaluation of ``g``.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 
-from flowprobe.activations import Activation
+if TYPE_CHECKING:
+    from flowprobe.activations import Activation
 
 __all__ = [
-    "NEWTON_BUDGETS",
+    "eager",
     "implicit_step",
-    "newton_budget",
-    "newton_converged",
+    "log_slopes",
+    "log_slopes_grads",
+    "needs_grad",
     "solve_scalar",
-    "tanh_newton",
-    "widest_budget",
+    "weighted_sums",
 ]
 
 MAX_ITERATIONS = 100
-# Newton iterations for ``s + α tanh(s) = c`` from the hard-tanh start: ``(low, high, steps)`` bins,
-# nested, the first that holds α applies; the fewest iterations that reach rounding for every α in
-# the bin (worst relative error over |s| ≤ 14 on a 0.01 α grid below 1e-15 in float64, below the
-# unit roundoff 6e-8 in float32; checked in tests/test_scalar.py). Other dtypes use the float64 table.
-NEWTON_BUDGETS = {
-    torch.float64: ((-0.02, 0.02, 2), (-0.3, 0.3, 3), (-0.5, 1.0, 4), (-0.9, 6.0, 5), (-1.0, 10.0, 6)),
-    torch.float32: ((-0.01, 0.01, 1), (-0.3, 0.45, 2), (-0.72, 2.7, 3), (-0.92, 11.0, 4), (-1.0, 20.0, 5)),
-}
-NEWTON_EXTRA_STEPS = 2  # beyond the last bin: its budget plus these, then the check decides
-TANH_CURVATURE = 0.385  # max|tanh''|/2 = 2/(3√3)
 
 
-def newton_budget(alpha: float, dtype: torch.dtype) -> int:
-    """Newton iterations for ``s + α tanh(s) = c`` (see :data:`NEWTON_BUDGETS`).
+def eager(fn: Callable) -> Callable:
+    """``fn`` run eagerly when called under ``torch.compile`` (a graph break without a warning).
 
-    The bins are nested intervals around 0, so the larger budget of two values covers every α
-    between them.
+    ``torch.compiler.disable`` imports the compiler (about a second); it is applied on first use so
+    that importing flowprobe stays cheap.
     """
-    bins = NEWTON_BUDGETS.get(dtype, NEWTON_BUDGETS[torch.float64])
-    for low, high, steps in bins:
-        if low <= alpha <= high:
-            return steps
-    return bins[-1][2] + NEWTON_EXTRA_STEPS
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if call.disabled is None:  # type: ignore[attr-defined]
+            call.disabled = torch.compiler.disable(fn)  # type: ignore[attr-defined]
+        return call.disabled(*args, **kwargs)  # type: ignore[attr-defined]
+
+    call.disabled = None  # type: ignore[attr-defined]
+    return call
 
 
-def widest_budget(dtype: torch.dtype) -> int:
-    """The budget of the outermost bin: enough for every α it holds (used when α stays on the device)."""
-    return NEWTON_BUDGETS.get(dtype, NEWTON_BUDGETS[torch.float64])[-1][2]
+def needs_grad(points: Tensor, params: Any) -> bool:
+    """Whether autograd records a call on ``points`` with parameter tensors ``params``."""
+    return torch.is_grad_enabled() and (points.requires_grad or any(t.requires_grad for t in params))
 
 
-def tanh_newton(
-    c: Tensor,
-    alpha: float | Tensor,
-    one_plus: Tensor,
-    steps: int,
-    root: Tensor | None = None,
-    last: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Solve ``s + α tanh(s) = c`` (``α > −1``) with ``steps`` Newton iterations, no synchronisation.
+# -- log-determinants Σ log(1 + α h'(pre)) ---------------------------------------------------------
+def log_slopes(pre: Tensor, alpha: Tensor, act: Activation) -> Tensor:
+    """``Σ_k log(1 + α_k h'(pre_k))`` over the first axis of pre-activations ``(K, N)``, ``α`` ``(K,)``.
 
-    Start: the exact root for ``h = clamp(·, −1, 1)``, ``s₀ = c − α/(1+α) clamp(c, −(1+α), 1+α)``.
-    Its error grows with ``|α|`` and so do the iterations needed to reach rounding: from 1 (float32,
-    ``|α| ≤ 0.01``) to 5 (float64, ``α ∈ [−0.9, 6]``), see :data:`NEWTON_BUDGETS`. Five ops per
-    iteration for a Python-number α (a fused layer), six for a tensor α (one per point).
+    Computed in place on one ``(K, N)`` buffer.
+    """
+    return act.derivative(pre).mul_(alpha.unsqueeze(-1)).log1p_().sum(0)
 
-    Args:
-        c: Right-hand sides.
-        alpha: ``α``, a number or a tensor broadcasting with ``c``.
-        one_plus: ``1 + α`` as a tensor.
-        steps: Number of iterations (≥ 1).
-        root: Optional output buffer for the root (shape of ``c``).
-        last: Optional output buffer for the last Newton step (the input of :func:`newton_converged`).
+
+def weighted_sums(weights: Tensor, points: Tensor) -> Tensor:
+    """``Σ_n weights[k, n] points[k, n]`` for every layer ``k``: ``(K, N)``, ``(K, N, d)`` → ``(K, d)``."""
+    return torch.bmm(weights.unsqueeze(1), points).squeeze(1)
+
+
+def log_slopes_grads(pre: Tensor, alpha: Tensor, grad: Tensor, act: Activation) -> tuple[Tensor, Tensor, Tensor]:
+    """The pieces of the gradient of ``Σ_k λ log D_k``, ``D_k = 1 + α_k h'(pre_k)``, ``λ = grad``.
 
     Returns:
-        ``(root, last)``.
+        ``h'(pre)`` and ``∂/∂pre = λ α h''(pre)/D``, each ``(K, N)``, and ``∂/∂α = Σ_n λ h'(pre)/D``,
+        ``(K,)``; no other ``(K, N)`` buffer outlives the call.
     """
-    scalar = not isinstance(alpha, Tensor)
-    if scalar:
-        bound = 1.0 + alpha
-        s = torch.add(c, torch.clamp(c, -bound, bound), alpha=-alpha / bound, out=root)
-    else:
-        s = torch.addcmul(c, alpha / one_plus, torch.clamp(c, -one_plus, one_plus), value=-1, out=root)
-    for j in range(steps):
-        t = torch.tanh(s)
-        if scalar:
-            residual = torch.add(s, t, alpha=alpha).sub_(c)
-            slope = torch.addcmul(one_plus, t, t, value=-alpha)  # 1 + α(1 − t²)
-        else:
-            alpha_t = alpha * t
-            residual = torch.add(s, alpha_t).sub_(c)
-            slope = torch.addcmul(one_plus, alpha_t, t, value=-1)
-        if j + 1 < steps:
-            s.addcdiv_(residual, slope, value=-1)
-        else:
-            last = torch.div(residual, slope, out=last)
-            s.sub_(last)
-    return s, last  # type: ignore[return-value]
+    a = alpha.unsqueeze(-1)
+    slope, curvature = act.derivative(pre), act.second_derivative(pre)
+    weight = (slope * a).add_(1).reciprocal_().mul_(grad)
+    grad_alpha = weighted_sums(slope, weight.unsqueeze(-1)).flatten()  # no (K, N) product
+    return slope, curvature.mul_(weight).mul_(a), grad_alpha
 
 
-def newton_converged(alpha: Tensor, last: Tensor, root: Tensor) -> bool:
-    """Whether the last Newton steps of :func:`tanh_newton` leave its roots exact to rounding (one sync).
-
-    After a step ``δ`` the error is at most ``C δ²`` with ``C = max|f''|/(2 min f')
-    = 0.385 |α| / min(1, 1 + α)``; the check is ``C δ² ≤ 2 eps (1 + |s|)`` at every root ``s``
-    (the relative accuracy :data:`NEWTON_BUDGETS` is tabulated for). ``alpha`` broadcasts with
-    ``last`` and ``root``.
-    """
-    curvature = TANH_CURVATURE * alpha.abs() / torch.clamp(1 + alpha, max=1.0)
-    eps = torch.finfo(last.dtype).eps
-    return bool((curvature * last.square() <= root.abs().add_(1).mul_(2 * eps)).all())
-
-
+# -- the scalar equation -------------------------------------------------------------------------
 def _solve_piecewise_linear(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Activation) -> Tensor:
     left, right = act.kink_slopes  # type: ignore[misc]
     active = (y - alpha * right * gamma) / (1 + alpha * beta * right)
@@ -174,25 +141,25 @@ def _solve_newton(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Ac
     return v
 
 
-def _solve_tanh(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor) -> Tensor | None:
-    """``v`` by a fixed Newton budget in ``s = βv + γ``, or ``None`` when the check fails."""
+def _solve_fixed_budget(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Activation) -> Tensor | None:
+    """``v`` by the activation's fixed-budget Newton in ``s = βv + γ``, or ``None`` when its check fails."""
+    kernel = act.newton
     ab = alpha * beta
     c = beta * y + gamma
     low, high = torch.stack([ab.min(), ab.max()]).tolist()
-    steps = max(newton_budget(low, y.dtype), newton_budget(high, y.dtype))
-    s, last = tanh_newton(c, ab, 1 + ab, steps)
-    if not newton_converged(ab, last, s):
+    steps = max(kernel.budget(low, y.dtype), kernel.budget(high, y.dtype))  # type: ignore[union-attr]
+    s, last = kernel.solve(c, ab, 1 + ab, steps)  # type: ignore[union-attr]
+    if not bool(kernel.converged(ab, last, s)):  # type: ignore[union-attr]
         return None
-    return y - alpha * torch.tanh(s)
+    return y - alpha * act.fn(s)
 
 
+@eager
 def _find_root(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Activation) -> Tensor:
-    """The root without autograd: fixed-budget Newton for tanh, else (or if its check fails) rtsafe."""
-    root = _solve_tanh(y, alpha, beta, gamma) if act.name == "tanh" else None
+    """The root without autograd: the fixed budget when the activation has one, else (or if its
+    check fails) rtsafe. Host checks: run eagerly under ``torch.compile``."""
+    root = _solve_fixed_budget(y, alpha, beta, gamma, act) if act.newton is not None else None
     return _solve_newton(y, alpha, beta, gamma, act) if root is None else root
-
-
-_find_root_eager = torch.compiler.disable(_find_root)  # under torch.compile: host checks, run eagerly
 
 
 def solve_scalar(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Activation) -> Tensor:
@@ -212,10 +179,7 @@ def solve_scalar(y: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, act: Act
     """
     with torch.no_grad():
         args = (y.detach(), alpha.detach(), beta.detach(), gamma.detach())
-        if act.piecewise_linear:
-            root = _solve_piecewise_linear(*args, act)
-        else:
-            root = (_find_root_eager if torch.compiler.is_compiling() else _find_root)(*args, act)
+        root = _solve_piecewise_linear(*args, act) if act.piecewise_linear else _find_root(*args, act)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (y, alpha, beta, gamma)):
         return root
     return implicit_step(root, y, alpha, beta, gamma, act)

@@ -1,19 +1,22 @@
-"""Sylvester layers (van den Berg, Hasenclever, Tomczak & Welling, 2018) and the general
-residual form ``z + A h(Bᵀz + b)`` studied by Kong & Chaudhuri (2020)."""
+"""Sylvester layers (van den Berg, Hasenclever, Tomczak & Welling, 2018) and the general residual
+form ``z + A h(Bᵀz + b)`` studied by Kong & Chaudhuri (2020): formulas, constraints, inverses and
+the fused run kernels (``docs/layers.md``)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowprobe.activations import Activation, get_activation
-from flowprobe.layers.base import FlowLayer, InverseNotAvailable, Invertibility, normal_init
-from flowprobe.layers.householder import householder_matrix
-from flowprobe.layers.planar import DEFAULT_MIN_SLOPE
-from flowprobe.layers.scalar import solve_scalar
+from flowprobe.layers.base import FlowLayer, InverseNotAvailable, Invertibility, uses_fused_kernels
+from flowprobe.layers.householder import _check_reflections, householder_matrix
+from flowprobe.layers.planar import DEFAULT_MIN_SLOPE, check_min_slope
+from flowprobe.layers.registry import Option, activation_option, choice, register
+from flowprobe.layers.scalar import log_slopes, needs_grad, solve_scalar
 
 __all__ = ["GeneralSylvester", "Sylvester", "SylvesterParams", "vecmat"]
 
@@ -22,21 +25,47 @@ DEFAULT_HOUSEHOLDER_REFLECTIONS = 8  # as in the official SNF code
 
 
 def vecmat(v: Tensor, m: Tensor) -> Tensor:
-    """Row vectors times matrices: ``(N, r) @ (..., r, c) -> (N, c)`` (``m`` batched or not)."""
-    return (v.unsqueeze(-2) @ m).squeeze(-2)
+    """Row vectors times matrices, ``(..., r) @ (..., r, c) -> (..., c)``, broadcasting leading dimensions.
+
+    ``einsum`` folds a parameter batch of size 1 into the matrix product instead of expanding it.
+    """
+    return torch.einsum("...i,...ij->...j", v, m)
 
 
 class SylvesterParams(NamedTuple):
-    """Constrained VdB Sylvester parameters; leading batch dimensions optional."""
+    """Constrained VdB Sylvester parameters (layer axis first, batch dimensions after it)."""
 
-    q: Tensor  # (..., d, m), orthonormal columns
-    r: Tensor  # (..., m, m), upper triangular
-    r_tilde: Tensor  # (..., m, m), upper triangular
-    b: Tensor  # (..., m)
+    q: Tensor  # (K, ..., d, m), orthonormal columns
+    r: Tensor  # (K, ..., m, m), upper triangular
+    r_tilde: Tensor  # (K, ..., m, m), upper triangular
+    b: Tensor  # (K, ..., m)
 
 
+def _sylvester_examples(dim: int) -> dict[str, dict]:
+    cases = {}
+    for kind in KINDS:
+        for act in ("tanh", "sigmoid", "softplus", "elu", "relu", "leaky_relu"):
+            hidden = dim if kind == "triangular" else max(1, dim - 1)
+            cases[f"sylvester-{kind}-{act}"] = {"kind": kind, "activation": act, "hidden": hidden}
+    cases["sylvester-triangular-flip"] = {"kind": "triangular", "flip": True}
+    return cases
+
+
+@register(
+    "sylvester",
+    options=(
+        Option("kind", choice(*KINDS), words=KINDS),
+        activation_option(),
+        Option("hidden", int, aliases=("m",)),
+        Option("reflections", int, aliases=("k",)),
+        Option("min_slope", float),
+    ),
+    formula="z + Q R h(R̃ Qᵀ z + b)",
+    inverse="back-substitution of scalar monotone equations",
+    examples=_sylvester_examples,
+)
 class Sylvester(FlowLayer):
-    r"""Sylvester layer in van den Berg's form :math:`x = z + Q R\, h(\tilde R Q^\top z + b)`.
+    r"""Sylvester layers in van den Berg's form :math:`x = z + Q R\, h(\tilde R Q^\top z + b)`.
 
     ``Q ∈ R^{d×m}`` has orthonormal columns, ``R`` and ``R̃`` are upper triangular. The three
     variants differ in how ``Q`` is built:
@@ -46,8 +75,8 @@ class Sylvester(FlowLayer):
       orthonormal for *every* raw value (the exact log-det below relies on ``QᵀQ = I``).
     * ``householder`` (H-SNF): the first ``m`` columns of a product of ``reflections``
       Householder matrices (default 8, as in the official code; ``m ≤ d``).
-    * ``triangular`` (T-SNF, ``m = d``): ``Q`` is the identity, or the reversal permutation
-      if ``flip=True`` (stacks alternate).
+    * ``triangular`` (T-SNF, ``m = d``): ``Q`` is the identity or the reversal permutation;
+      by default consecutive layers of a stack alternate, starting with the identity.
 
     Log-det: :math:`\sum_i \log|1 + h'((\tilde R Q^\top z + b)_i)\, R_{ii}\tilde R_{ii}|`.
 
@@ -65,13 +94,18 @@ class Sylvester(FlowLayer):
         kind: ``orthogonal``, ``householder`` or ``triangular``.
         activation: Any activation of :mod:`flowprobe.activations`.
         reflections: Reflections per layer for ``householder``.
-        flip: For ``triangular``: use the reversal permutation as ``Q``.
+        flip: For ``triangular``: ``None`` alternates identity and reversal along the stack; a
+            bool applies to every layer; a sequence gives each layer's.
         min_slope: ``ε`` in ``(0, 1]``.
+        layers: Number of layers ``K`` in the stack.
+        ensemble: Ensemble shape (see :class:`~flowprobe.layers.base.FlowLayer`).
 
     References:
         R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling. Sylvester Normalizing Flows
         for Variational Inference. UAI 2018. https://arxiv.org/abs/1803.05649
     """
+
+    per_layer_attributes = ("flip",)
 
     def __init__(
         self,
@@ -80,48 +114,65 @@ class Sylvester(FlowLayer):
         kind: str = "orthogonal",
         activation: str | Activation = "tanh",
         reflections: int = DEFAULT_HOUSEHOLDER_REFLECTIONS,
-        flip: bool = False,
+        flip: bool | Sequence[bool] | None = None,
         min_slope: float = DEFAULT_MIN_SLOPE,
+        *,
+        layers: int = 1,
+        ensemble: int | tuple[int, ...] = (),
     ) -> None:
-        super().__init__(dim)
+        super().__init__(dim, layers, ensemble)
         hidden = dim if hidden is None else hidden
         if kind not in KINDS:
             raise ValueError(f"unknown Sylvester kind {kind!r}; expected one of: {', '.join(KINDS)}")
-        if not 1 <= hidden <= dim:
+        if not isinstance(hidden, int) or not 1 <= hidden <= dim:
             raise ValueError(f"hidden must lie in [1, dim={dim}], got {hidden}")
         if kind == "triangular" and hidden != dim:
             raise ValueError(f"triangular Sylvester layers need hidden == dim ({dim}), got {hidden}")
-        if not 0 < min_slope <= 1:
-            raise ValueError(f"min_slope must lie in (0, 1], got {min_slope}")
-        self.hidden, self.kind, self.flip = hidden, kind, bool(flip)
+        self.hidden, self.kind = hidden, kind
+        self.reflections = _check_reflections(reflections)
+        if flip is None:
+            flips = tuple(i % 2 == 1 for i in range(layers))
+        elif isinstance(flip, bool):
+            flips = (flip,) * layers
+        else:
+            flips = tuple(bool(f) for f in flip)
+            if len(flips) != layers:
+                raise ValueError(f"flip must give one value per layer ({layers}), got {len(flips)}")
+        self.flip = flips
         self.act = get_activation(activation)
-        self.min_slope = float(min_slope)
+        self.min_slope = check_min_slope(min_slope)
         self.diag_scale = math.sqrt((1 - self.min_slope) / self.act.sup_derivative)
-        if kind == "orthogonal":
-            self.q = normal_init((dim, hidden), 1.0)
-        elif kind == "householder":
-            self.v = normal_init((reflections, dim), 1.0)
-        self.D = normal_init((hidden, hidden), 0.1 / hidden**0.5)
-        self.d1 = normal_init((hidden,), 0.5)
-        self.d2 = normal_init((hidden,), 0.5)
-        self.b = nn.Parameter(torch.zeros(hidden))
+        self._init_parameters()
 
-    def _basis(self, raw: dict[str, Tensor], like: Tensor) -> Tensor:
+    def init_raw(self) -> dict[str, Tensor]:
+        raw = {}
+        if self.kind == "orthogonal":
+            raw["q"] = torch.randn(self.dim, self.hidden)
+        elif self.kind == "householder":
+            raw["v"] = torch.randn(self.reflections, self.dim)
+        m = self.hidden
+        raw |= {"D": torch.randn(m, m) * (0.1 / m**0.5), "d1": torch.randn(m) * 0.5, "d2": torch.randn(m) * 0.5}
+        return raw | {"b": torch.zeros(m)}
+
+    def _basis(self, raw: dict[str, Tensor]) -> Tensor:
         if self.kind == "orthogonal":
             return torch.linalg.qr(raw["q"]).Q
         if self.kind == "householder":
             return householder_matrix(raw["v"], self.dim, self.hidden)
-        eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
-        return eye.flip(-1) if self.flip else eye
+        d = raw["D"]
+        eye = torch.eye(self.dim, dtype=d.dtype, device=d.device)
+        q = torch.stack([eye.flip(-1) if f else eye for f in self.flip])
+        return q.reshape(q.shape[0], *(1,) * (d.dim() - 3), self.dim, self.dim)
 
     def constrain(self, raw: dict[str, Tensor]) -> SylvesterParams:
         d = raw["D"]
         scale = self.diag_scale
         r = torch.triu(d, 1) + torch.diag_embed(scale * torch.tanh(raw["d1"]))
         r_tilde = torch.triu(d.transpose(-1, -2), 1) + torch.diag_embed(scale * torch.tanh(raw["d2"]))
-        return SylvesterParams(self._basis(raw, d), r, r_tilde, raw["b"])
+        return SylvesterParams(self._basis(raw), r, r_tilde, raw["b"])
 
-    def _diag_product(self, p: SylvesterParams) -> Tensor:
+    @staticmethod
+    def _diag_product(p: SylvesterParams) -> Tensor:
         return torch.diagonal(p.r, dim1=-2, dim2=-1) * torch.diagonal(p.r_tilde, dim1=-2, dim2=-1)
 
     def transform(self, z: Tensor, p: SylvesterParams) -> tuple[Tensor, Tensor]:
@@ -131,55 +182,138 @@ class Sylvester(FlowLayer):
         return x, logdet
 
     def invert(self, x: Tensor, p: SylvesterParams) -> tuple[Tensor, Tensor]:
-        coords = vecmat(x, p.q)  # (N, m)
+        coords = vecmat(x, p.q)  # (..., m)
         outside = x - vecmat(coords, p.q.transpose(-1, -2))
         r_diag = torch.diagonal(p.r, dim1=-2, dim2=-1)
         rt_diag = torch.diagonal(p.r_tilde, dim1=-2, dim2=-1)
-        solved: list[Tensor] = []  # v_i, i = m-1 .. 0 prepended
         pre: list[Tensor] = []
-        v_after = x.new_zeros(x.shape[0], 0)
-        h_after = x.new_zeros(x.shape[0], 0)
+        v_after = x.new_zeros(*x.shape[:-1], 0)
+        h_after = x.new_zeros(*x.shape[:-1], 0)
         for i in reversed(range(self.hidden)):
             gamma = p.b[..., i] + (p.r_tilde[..., i, i + 1 :] * v_after).sum(-1)
             known = (p.r[..., i, i + 1 :] * h_after).sum(-1)
-            v_i = solve_scalar(coords[:, i] - known, r_diag[..., i], rt_diag[..., i], gamma, self.act)
+            v_i = solve_scalar(coords[..., i] - known, r_diag[..., i], rt_diag[..., i], gamma, self.act)
             pre_i = rt_diag[..., i] * v_i + gamma
-            solved.insert(0, v_i)
             pre.insert(0, pre_i)
             v_after = torch.cat([v_i.unsqueeze(-1), v_after], -1)
             h_after = torch.cat([self.act.fn(pre_i).unsqueeze(-1), h_after], -1)
         z = vecmat(v_after, p.q.transpose(-1, -2)) + outside
-        pre_t = torch.stack(pre, -1)
-        logdet = torch.log1p(self.act.derivative(pre_t) * self._diag_product(p)).sum(-1)
+        logdet = torch.log1p(self.act.derivative(torch.stack(pre, -1)) * self._diag_product(p)).sum(-1)
         return z, -logdet
 
-    def invertibility(self) -> Invertibility:
-        product = self._diag_product(self.constrained()).detach()
-        margin = float(torch.clamp(1 + product * self.act.sup_derivative, max=1.0).min())
+    def forward_run(self, z: Tensor, p: SylvesterParams) -> tuple[Tensor, Tensor]:
+        if not uses_fused_kernels(z, p.b.dim() == 2):
+            return super().forward_run(z, p)
+        into_hidden = p.q @ p.r_tilde.transpose(-1, -2)  # (K, d, m): pre = z Q R̃ᵀ + b
+        out_of_hidden = (p.q @ p.r).transpose(-1, -2)  # (K, m, d): x = z + h (QR)ᵀ
+        diag = self._diag_product(p)
+        logdet = z.new_zeros(z.shape[0])
+        for i in range(p.b.shape[0]):
+            pre = torch.addmm(p.b[i], z, into_hidden[i])
+            h = self.act.fn(pre)
+            z = torch.addmm(z, h, out_of_hidden[i])
+            logdet = logdet + _log_slopes(self.act, pre, h, diag[i])
+        return z, logdet
+
+    def inverse_run(self, x: Tensor, p: SylvesterParams) -> tuple[Tensor, Tensor]:
+        if self.act.newton is not None and uses_fused_kernels(x, p.b.dim() == 2) and not needs_grad(x, p):
+            solved = _newton_inverse(x, p, self.act)
+            if solved is not None:
+                return solved
+        return super().inverse_run(x, p)
+
+    def invertibility(self, layer: int | None = None) -> Invertibility:
+        margins = torch.clamp(1 + self._diag_product(self.constrained()) * self.act.sup_derivative, max=1.0)
         condition = f"1 + R_ii·R̃_ii·sup h' > 0 for all i (sup h' = {self.act.sup_derivative:g})"
-        return Invertibility(margin > 0, margin, condition)
+        return self._report(margins, layer, condition)
 
-    def extra_repr(self) -> str:
-        flip = ", flip=True" if self.flip else ""
-        return f"dim={self.dim}, hidden={self.hidden}, kind={self.kind!r}, activation={self.act.name!r}{flip}"
+    def stream_width(self) -> int:
+        return 2 * self.depth * self.hidden + self.dim
+
+    def residual_form(self, p: SylvesterParams) -> tuple[Tensor, Tensor, Tensor]:
+        return p.q @ p.r, p.q @ p.r_tilde.transpose(-1, -2), p.b
+
+    def _settings(self) -> str:
+        flips = f", flip={self.flip}" if self.kind == "triangular" else ""
+        return f"hidden={self.hidden}, kind={self.kind!r}, activation={self.act.name!r}{flips}"
 
 
+def _log_slopes(act: Activation, pre: Tensor, h: Tensor, diag: Tensor) -> Tensor:
+    """``Σ_i log(1 + h'(pre_i) diag_i)`` over the last axis, reusing ``h`` when ``h'`` is a function of it."""
+    slope = act.derivative(pre) if act.derivative_from_value is None else act.derivative_from_value(h)
+    return torch.log1p(slope * diag).sum(-1)
+
+
+def _newton_inverse(x: Tensor, p: SylvesterParams, act: Activation) -> tuple[Tensor, Tensor] | None:
+    """Invert a shared run without autograd by back-substitution with the activation's fixed budgets.
+
+    Layer ``k`` at ``y``: with ``c = Qᵀy`` and ``v = Qᵀz``, ``c = v + R h(R̃v + b)``; for
+    ``i = m−1 … 0``, ``γ_i = b_i + Σ_{j>i} R̃_ij v_j`` and ``c_i' = c_i − Σ_{j>i} R_ij h_j`` are
+    known, ``s_i = R̃_ii v_i + γ_i`` solves ``s + R_ii R̃_ii h(s) = R̃_ii c_i' + γ_i`` (budget by
+    ``α = R_ii R̃_ii``) and ``v_i = c_i' − R_ii h(s_i)``; then ``z = y − Q Qᵀ y + Q v``. The columns
+    live in rows of ``(m, N)`` buffers updated in place.
+
+    Returns:
+        ``(z, log|det ∂z/∂x|)``, or ``None`` when the one convergence check of the run fails.
+    """
+    kernel = act.newton
+    k, m = p.r.shape[0], p.r.shape[-1]
+    r_diag, rt_diag = torch.diagonal(p.r, dim1=-2, dim2=-1), torch.diagonal(p.r_tilde, dim1=-2, dim2=-1)
+    alpha = r_diag * rt_diag
+    alphas, r_diags, rt_diags = alpha.tolist(), r_diag.tolist(), rt_diag.tolist()
+    one_plus = (1 + alpha).unbind(-1)  # no (K, m) unbind: one row of 0-d tensors per layer below
+    pre = x.new_empty(k, m, x.shape[0])
+    last = torch.empty_like(pre)
+    z = x
+    for layer in range(k - 1, -1, -1):
+        q, r, r_tilde = p.q[layer], p.r[layer], p.r_tilde[layer]
+        coords = z @ q
+        outside = torch.addmm(z, coords, q.t(), alpha=-1)
+        c = coords.t().contiguous()  # (m, N): c' of every column, reduced in place
+        gamma = p.b[layer].unsqueeze(-1).expand(m, x.shape[0]).clone()
+        v = torch.empty_like(c)
+        for i in range(m - 1, -1, -1):
+            target = torch.add(gamma[i], c[i], alpha=rt_diags[layer][i])
+            a = alphas[layer][i]
+            kernel.solve(target, a, one_plus[i][layer], kernel.budget(a, x.dtype), pre[layer, i], last[layer, i])
+            h = act.fn(pre[layer, i])
+            torch.add(c[i], h, alpha=-r_diags[layer][i], out=v[i])
+            if i > 0:
+                c[:i].addr_(r[:i, i], h, alpha=-1)
+                gamma[:i].addr_(r_tilde[:i, i], v[i])
+        z = torch.addmm(outside, v.t(), q.t())
+    if not bool(kernel.converged(alpha.unsqueeze(-1), last, pre)):
+        return None
+    return z, -log_slopes(pre.flatten(0, 1), alpha.flatten(), act)
+
+
+@register(
+    "general_sylvester",
+    options=(activation_option(), Option("hidden", int, aliases=("m",))),
+    formula="z + A h(Bᵀz + b)",
+    inverse="when certified (‖BᵀA‖₂ sup h' < 1), else InverseNotAvailable",
+    examples=lambda dim: {"general-sylvester": {"hidden": 2}},
+    guaranteed=False,
+)
 class GeneralSylvester(FlowLayer):
-    r"""Unconstrained residual layer :math:`x = z + A\, h(B^\top z + b)`, ``A, B ∈ R^{d×m}``.
+    r"""Unconstrained residual layers :math:`x = z + A\, h(B^\top z + b)`, ``A, B ∈ R^{d×m}``.
 
     This is the layer of Kong & Chaudhuri's theory (``m`` neurons). Log-det by Sylvester's
     determinant identity: :math:`\log|\det(I_m + \mathrm{diag}(h'(B^\top z + b))\, B^\top A)|`.
 
-    Invertibility is *not* enforced. The layer is certified invertible when
+    Invertibility is *not* enforced. A layer is certified invertible when
     ``‖BᵀA‖₂ · sup h' < 1``: then ``t = Bᵀz + b`` is the unique solution of
     ``t + BᵀA h(t) = Bᵀx + b`` (a contraction perturbation of the identity), solved by Newton
     steps safeguarded with fixed-point steps, and ``z = x − A h(t)``. Otherwise ``inverse``
-    raises :class:`InverseNotAvailable`.
+    raises :class:`InverseNotAvailable`. The initialisation is certified (``A`` is scaled so that
+    the bound is at most ½).
 
     Args:
         dim: Dimension ``d``.
         hidden: Number of neurons ``m``.
         activation: Any activation of :mod:`flowprobe.activations`.
+        layers: Number of layers ``K`` in the stack.
+        ensemble: Ensemble shape (see :class:`~flowprobe.layers.base.FlowLayer`).
 
     References:
         Z. Kong, K. Chaudhuri. The Expressive Power of a Class of Normalizing Flow Models.
@@ -188,15 +322,27 @@ class GeneralSylvester(FlowLayer):
 
     max_iterations = 200
 
-    def __init__(self, dim: int, hidden: int = 1, activation: str | Activation = "tanh") -> None:
-        super().__init__(dim)
-        if hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {hidden}")
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 1,
+        activation: str | Activation = "tanh",
+        *,
+        layers: int = 1,
+        ensemble: int | tuple[int, ...] = (),
+    ) -> None:
+        super().__init__(dim, layers, ensemble)
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
         self.hidden = hidden
         self.act = get_activation(activation)
-        self.A = normal_init((dim, hidden), 0.5 / (dim * hidden) ** 0.5)
-        self.B = normal_init((dim, hidden), 1.0 / dim**0.5)
-        self.b = nn.Parameter(torch.zeros(hidden))
+        self._init_parameters()
+
+    def init_raw(self) -> dict[str, Tensor]:
+        a = torch.randn(self.dim, self.hidden) * (0.5 / (self.dim * self.hidden) ** 0.5)
+        b = torch.randn(self.dim, self.hidden) * (1.0 / self.dim**0.5)
+        bound = float(torch.linalg.matrix_norm(b.t() @ a, ord=2)) * self.act.sup_derivative
+        return {"A": a * min(1.0, 0.5 / max(bound, 1e-300)), "B": b, "b": torch.zeros(self.hidden)}
 
     def constrain(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
         return raw
@@ -211,7 +357,7 @@ class GeneralSylvester(FlowLayer):
         return x, self._log_abs_det(pre, p["B"].transpose(-1, -2) @ p["A"])
 
     def lipschitz_bound(self, p: dict[str, Tensor] | None = None) -> Tensor:
-        """``‖BᵀA‖₂ · sup h'`` (per parameter batch); the layer is certified invertible if < 1."""
+        """``‖BᵀA‖₂ · sup h'`` per layer (run layout); a layer is certified invertible if < 1."""
         p = self.constrained() if p is None else p
         coupling = p["B"].transpose(-1, -2) @ p["A"]
         return torch.linalg.matrix_norm(coupling, ord=2) * self.act.sup_derivative
@@ -251,9 +397,12 @@ class GeneralSylvester(FlowLayer):
         z = x - vecmat(self.act.fn(t), p["A"].transpose(-1, -2))
         return z, -self._log_abs_det(t, coupling)
 
-    def invertibility(self) -> Invertibility:
-        bound = float(self.lipschitz_bound().detach().max())
-        return Invertibility(bound < 1, 1 - bound, "‖BᵀA‖₂·sup h' < 1 (sufficient; contraction)")
+    def invertibility(self, layer: int | None = None) -> Invertibility:
+        margins = 1 - self.lipschitz_bound()
+        return self._report(margins, layer, "‖BᵀA‖₂·sup h' < 1 (sufficient; contraction)")
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, hidden={self.hidden}, activation={self.act.name!r}"
+    def residual_form(self, p: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        return p["A"], p["B"], p["b"]
+
+    def _settings(self) -> str:
+        return f"hidden={self.hidden}, activation={self.act.name!r}"

@@ -111,7 +111,7 @@ class PiecewiseLinearMap:
         loc, scale = _normal_source(flow)
         z_knots, slopes, offsets = np.empty(0), np.ones(1), np.zeros(1)
         for i, layer in enumerate(flow.layers):
-            if not (isinstance(layer, Planar) and layer.act.piecewise_linear):
+            if not (isinstance(layer.stack, Planar) and layer.act.piecewise_linear):
                 raise ValueError(f"layer {i} is {layer!r}; only piecewise-linear Planar layers collapse")
             params = layer.constrained()
             u, w, b = (float(t.detach().reshape(-1)[0]) for t in (params.u, params.w, params.b))

@@ -51,7 +51,8 @@ from torch import Tensor
 from flowprobe.activations import Activation
 from flowprobe.distributions import Density, DiagonalNormal, Energy, FunctionEnergy, GaussianMixture, StandardNormal
 from flowprobe.flow import Flow
-from flowprobe.layers import FlowLayer, GeneralSylvester, Planar, Sylvester
+from flowprobe.layers import FlowLayer, LayerView, Planar, Sylvester
+from flowprobe.layers.base import layer_slice
 from flowprobe.plots import plt
 from flowprobe.train import fit
 
@@ -114,28 +115,24 @@ class ResidualForm(NamedTuple):
     act: Activation
 
 
-def residual_form(layer: FlowLayer) -> ResidualForm:
-    """The ``(A, B, b, h)`` of a layer at its current parameters.
-
-    ``Planar``: ``A = û``, ``B = w`` (one neuron). ``Sylvester`` (VdB ``y + QR h(R̃Qᵀy + b)``):
-    ``A = QR``, ``B = QR̃ᵀ``. ``GeneralSylvester``: ``A``, ``B`` as they are.
+def residual_form(layer: FlowLayer | LayerView) -> ResidualForm:
+    """The ``(A, B, b, h)`` of one layer (a view ``flow.layers[i]`` or a one-layer stack) at its
+    current parameters, as its family states it (:meth:`FlowLayer.residual_form`).
 
     Raises:
-        ValueError: the layer is not of this form (``Radial``, ``Householder``).
+        ValueError: the family has no such form (``Radial``, ``Householder``), or the layer is an
+            ensemble or a stack of several layers.
     """
-    if isinstance(layer, Planar):
-        p = layer.constrained()
-        return ResidualForm(p.u.unsqueeze(-1), p.w.unsqueeze(-1), p.b.reshape(1), layer.act)
-    if isinstance(layer, Sylvester):
-        p = layer.constrained()
-        return ResidualForm(p.q @ p.r, p.q @ p.r_tilde.transpose(-1, -2), p.b, layer.act)
-    if isinstance(layer, GeneralSylvester):
-        p = layer.constrained()
-        return ResidualForm(p["A"], p["B"], p["b"], layer.act)
-    raise ValueError(
-        f"{type(layer).__name__} layers are not of the form z + A h(Bᵀz + b); the neuron count M and "
-        "span(B) are defined only for Planar, Sylvester and GeneralSylvester layers"
-    )
+    stack = layer.stack if isinstance(layer, LayerView) else layer
+    if stack.ensemble_shape or (isinstance(layer, FlowLayer) and layer.depth != 1):
+        raise ValueError("residual forms are read one layer at a time (flow.layers[i]), not of ensembles")
+    form = stack.residual_form(layer_slice(layer.constrained(), 0))
+    if form is None:
+        raise ValueError(
+            f"{type(stack).__name__} layers are not of the form z + A h(Bᵀz + b); the neuron count M and "
+            "span(B) are defined only for families with that form (planar, Sylvester, general Sylvester)"
+        )
+    return ResidualForm(*form, stack.activation)
 
 
 def neuron_count(layers: Sequence[FlowLayer]) -> int:

@@ -1,11 +1,13 @@
-"""The scalar solver behind planar and Sylvester inverses (flowprobe.layers.scalar)."""
+"""The scalar solver behind planar and Sylvester inverses (flowprobe.layers.scalar) and tanh's
+fixed-budget Newton kernel (flowprobe.activations)."""
 
 import math
 
 import pytest
 import torch
 
-from flowprobe.activations import ACTIVATIONS
+from flowprobe import activations
+from flowprobe.activations import ACTIVATIONS, TANH_NEWTON_BUDGETS
 from flowprobe.layers import scalar
 
 
@@ -14,22 +16,22 @@ def test_newton_budget_reaches_rounding_in_every_alpha_bin(dtype):
     """Every bin's budget solves s + α tanh(s) = c to rounding (one iteration fewer misses by ≥ 100×)."""
     s_true = torch.linspace(-14, 14, 2001, dtype=torch.float64)
     eps = torch.finfo(dtype).eps
-    for low, high, steps in scalar.NEWTON_BUDGETS[dtype]:
+    for low, high, steps in TANH_NEWTON_BUDGETS[dtype]:
         for alpha in torch.linspace(max(low, -0.95), high, 41, dtype=torch.float64).tolist():
-            budget = scalar.newton_budget(alpha, dtype)  # this bin's or a smaller inner bin's
+            budget = activations.tanh_newton_budget(alpha, dtype)  # this bin's or a smaller inner bin's
             assert budget <= steps
             c = (s_true + alpha * torch.tanh(s_true)).to(dtype)
             exact, root = torch.empty_like(c, dtype=torch.float64), torch.empty_like(c)
             one_plus = torch.tensor(1 + alpha, dtype=torch.float64)
-            scalar.tanh_newton(c.double(), alpha, one_plus, 12, exact, torch.empty_like(exact))
-            scalar.tanh_newton(c, alpha, one_plus.to(dtype), budget, root, torch.empty_like(c))
+            activations.tanh_newton(c.double(), alpha, one_plus, 12, exact, torch.empty_like(exact))
+            activations.tanh_newton(c, alpha, one_plus.to(dtype), budget, root, torch.empty_like(c))
             condition = (1 + abs(alpha)) / min(1.0, 1 + alpha)
             error = ((root.double() - exact).abs() / (1 + exact.abs())).max()
             assert error <= 2 * eps * condition, (alpha, float(error))
 
 
 def test_budget_bins_are_nested_intervals_around_zero():
-    for bins in scalar.NEWTON_BUDGETS.values():
+    for bins in TANH_NEWTON_BUDGETS.values():
         for (low, high, steps), (outer_low, outer_high, outer_steps) in zip(bins, bins[1:]):
             assert outer_low <= low < 0 < high <= outer_high and steps < outer_steps
 
@@ -57,9 +59,10 @@ def test_tanh_fast_path_falls_back_when_its_check_fails(monkeypatch):
     y, alpha, gamma = torch.randn(100, dtype=torch.float64) * 3, torch.tensor(4.0, dtype=torch.float64), torch.zeros(())
     beta = torch.ones((), dtype=torch.float64)
     fast = scalar.solve_scalar(y, alpha, beta, gamma.double(), ACTIVATIONS["tanh"])
-    assert scalar._solve_tanh(y, alpha, beta, gamma.double()) is not None
-    monkeypatch.setitem(scalar.NEWTON_BUDGETS, torch.float64, ((-1.0, math.inf, 1),))
-    assert scalar._solve_tanh(y, alpha, beta, gamma.double()) is None  # one step: the check fails
+    assert scalar._solve_fixed_budget(y, alpha, beta, gamma.double(), ACTIVATIONS["tanh"]) is not None
+    monkeypatch.setitem(TANH_NEWTON_BUDGETS, torch.float64, ((-1.0, math.inf, 1),))
+    # one step: the check fails
+    assert scalar._solve_fixed_budget(y, alpha, beta, gamma.double(), ACTIVATIONS["tanh"]) is None
     safe = scalar.solve_scalar(y, alpha, beta, gamma.double(), ACTIVATIONS["tanh"])
     torch.testing.assert_close(safe, fast, atol=1e-14, rtol=0)
     torch.testing.assert_close(fast + 4 * torch.tanh(fast), y, atol=1e-14, rtol=0)
