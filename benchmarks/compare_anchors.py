@@ -183,18 +183,16 @@ def build(lib: str, family: str, k: int, d: int) -> Model | str:
         return "not installed"
     refl = d // 2 + 1  # Pyro's default count of reflections (used for every library alike)
     if lib == "flowprobe":
-        make = {
-            "planar-tanh": lambda: fp.Planar(d, "tanh"),
-            "planar-leaky_relu": lambda: fp.Planar(d, "leaky_relu"),
-            "radial": lambda: fp.Radial(d),
-            "sylvester-O": lambda: fp.Sylvester(d, kind="orthogonal"),
-            "sylvester-H": lambda: fp.Sylvester(d, kind="householder", reflections=refl),
-            "sylvester-T": None,
-            "householder": lambda: fp.Householder(d, reflections=refl),
+        stack = {
+            "planar-tanh": lambda: fp.Planar(d, "tanh", layers=k),
+            "planar-leaky_relu": lambda: fp.Planar(d, "leaky_relu", layers=k),
+            "radial": lambda: fp.Radial(d, layers=k),
+            "sylvester-O": lambda: fp.Sylvester(d, kind="orthogonal", layers=k),
+            "sylvester-H": lambda: fp.Sylvester(d, kind="householder", reflections=refl, layers=k),
+            "sylvester-T": lambda: fp.Sylvester(d, kind="triangular", layers=k),  # alternating flips
+            "householder": lambda: fp.Householder(d, reflections=refl, layers=k),
         }[family]
-        if family == "sylvester-T":
-            return FlowprobeModel([fp.Sylvester(d, kind="triangular", flip=i % 2 == 1) for i in range(k)], d)
-        return FlowprobeModel([make() for _ in range(k)], d)
+        return FlowprobeModel([stack()], d)
     if lib == "normflows":
         import normflows as nf
 

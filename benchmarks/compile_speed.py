@@ -74,12 +74,12 @@ ROWS = [
 
 def build(row: Row) -> fp.Flow:
     torch.manual_seed(0)
-    layer = {
-        "planar": lambda: fp.Planar(row.d, "tanh"),
-        "radial": lambda: fp.Radial(row.d),
-        "sylvester": lambda: fp.Sylvester(row.d, kind="orthogonal"),
+    stack = {
+        "planar": lambda: fp.Planar(row.d, "tanh", layers=row.k),
+        "radial": lambda: fp.Radial(row.d, layers=row.k),
+        "sylvester": lambda: fp.Sylvester(row.d, kind="orthogonal", layers=row.k),
     }[row.family]
-    flow = fp.Flow(fp.StandardNormal(row.d), [layer() for _ in range(row.k)])
+    flow = fp.Flow(fp.StandardNormal(row.d), [stack()])
     with torch.no_grad():  # away from the near-identity initialisation (as benchmarks/inverse_cost.py)
         for p in flow.parameters():
             p.add_(0.5 * torch.randn_like(p))

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 import flowprobe as fp
-from flowprobe.layers import fused
+from flowprobe.layers import fused_kernels
 
 
 def median_time(fns: dict[str, Callable[[], object]], reps: int, target_s: float) -> dict[str, float]:
@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--target", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--unfused", action="store_true", help="layer-by-layer path (fusion off)")
+    parser.add_argument("--unfused", action="store_true", help="layer-by-layer path (fused kernels off)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    flow = fp.Flow(fp.StandardNormal(args.dim), [fp.Planar(args.dim, "tanh") for _ in range(args.layers)]).to(dtype)
+    flow = fp.Flow(fp.StandardNormal(args.dim), [fp.Planar(args.dim, "tanh", layers=args.layers)]).to(dtype)
     for p in flow.parameters():  # a trained-looking flow: non-trivial weights
         p.data.add_(0.5 * torch.randn_like(p))
     with torch.no_grad():
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return step
 
     out = {}
-    with fused.fusion(not args.unfused):
+    with fused_kernels(not args.unfused):
         with torch.no_grad():
             t = median_time(
                 {"log_prob": lambda: flow.log_prob(x), "rsample": lambda: flow.rsample_and_log_prob(args.batch)},

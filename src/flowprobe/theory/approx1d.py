@@ -402,13 +402,14 @@ class Construction:
         return tv_monte_carlo(self.map.log_prob(x), self.target.log_pdf(x), level)
 
 
-def _relu_layer(c: float, s: float, side: int, min_slope: float) -> Planar:
-    """``Planar(1, relu)`` with breakpoint ``c`` and slope ``s`` on ``{side·(z − c) > 0}``:
-    ``w = side``, ``b = −w c``, ``u = (s − 1)/w``."""
-    layer = Planar(1, "relu", min_slope=min_slope).double()
-    layer.set_constrained(torch.tensor([(s - 1) / side], dtype=torch.float64),
-                          torch.tensor([float(side)], dtype=torch.float64), -side * c)
-    return layer
+def _relu_stack(plan: list[tuple[float, float, int]], min_slope: float) -> Planar:
+    """A stack of ``Planar(1, relu)`` layers, layer ``i`` with breakpoint ``c`` and slope ``s`` on
+    ``{side·(z − c) > 0}`` for ``(c, s, side) = plan[i]``: ``w = side``, ``b = −w c``, ``u = (s − 1)/w``."""
+    stack = Planar(1, "relu", min_slope=min_slope, layers=len(plan)).double()
+    for layer, (c, s, side) in zip(stack, plan, strict=True):
+        layer.set_constrained(torch.tensor([(s - 1) / side], dtype=torch.float64),
+                              torch.tensor([float(side)], dtype=torch.float64), -side * c)
+    return stack
 
 
 def construct(
@@ -472,7 +473,7 @@ def construct(
     min_slope = min(DEFAULT_MIN_SLOPE, 0.5 * min(s for _, s, _ in plan))
     base = StandardNormal(1) if (loc, scale) == (0.0, 1.0) else DiagonalNormal(torch.tensor([loc]),
                                                                                 torch.tensor([scale]))
-    flow = Flow(base.double(), [_relu_layer(c, s, side, min_slope) for c, s, side in plan])
+    flow = Flow(base.double(), [_relu_stack(plan, min_slope)])
     return Construction(target, flow, PiecewiseLinearMap.from_flow(flow), t, centre, aligned, density.constant)
 
 
@@ -533,12 +534,10 @@ def two_layer_example() -> Flow:
     """The blog's split-and-scale example (F1): ``N(0, 1)`` through ``(w, b, u) = (1, 1, −0.2)``
     (breakpoint −1, slope 0.8) then ``(1, −1, 0.875)`` (breakpoint 1, slope 1.875). Pieces:
     ``(−∞, −1]: N(0, 1)``, ``[−1, 1]: N(−0.2, 0.8²)``, ``[1, ∞): N(−1.25, 1.5²)``."""
-    layers = []
-    for w, b, u in ((1.0, 1.0, -0.2), (1.0, -1.0, 0.875)):
-        layer = Planar(1, "relu").double()
+    stack = Planar(1, "relu", layers=2).double()
+    for layer, (w, b, u) in zip(stack, ((1.0, 1.0, -0.2), (1.0, -1.0, 0.875)), strict=True):
         layer.set_constrained(torch.tensor([u], dtype=torch.float64), torch.tensor([w], dtype=torch.float64), b)
-        layers.append(layer)
-    return Flow(StandardNormal(1).double(), layers)
+    return Flow(StandardNormal(1).double(), [stack])
 
 
 def plot_pieces(flow: Flow, lo: float = -3.0, hi: float = 3.0, title: str | None = None) -> Figure:
