@@ -1,13 +1,13 @@
 r"""Universal approximation on ``R`` with ReLU planar layers, by construction, with exact TV.
 
-Kong & Chaudhuri (AISTATS 2020, result 1; theory.md §2.1, §3): a 1-D ReLU planar layer
+Kong & Chaudhuri (AISTATS 2020, result 1; ``docs/theory/approx1d.md``): a 1-D ReLU planar layer
 :math:`f(z) = z + u\,\mathrm{ReLU}(wz + b)` fixes its breakpoint :math:`c = -b/w`, is the identity on
 one side and the affine map :math:`z \mapsto c + s(z - c)`, :math:`s = 1 + uw > 0`, on the other.
 Mass on each side of ``c`` is preserved and a Gaussian piece stays a Gaussian piece whose
 standardised position at ``c`` is unchanged. Stacking ``n`` such layers pushes ``N(μ0, σ0²)`` to a
 *piecewise-Gaussian* density.
 
-Construction (centre-out, one layer per piece, theory.md §3.3, generalised):
+Construction (centre-out, one layer per piece, ``docs/theory/approx1d.md`` §2):
 
 1. Centre ``x*``: a crossing of the source and target CDFs, ``Φ((x* − μ0)/σ0) = P(x*)``. If the
    CDFs never cross (e.g. ``Exp(1)`` against ``N(0, 1)``), one *alignment* layer with a breakpoint
@@ -20,7 +20,7 @@ Construction (centre-out, one layer per piece, theory.md §3.3, generalised):
    slope ``σ_j/σ_{j−1}``; left of ``x*`` mirrored; then one tail layer on each side (slope by
    height matching, or minimising the tail's TV).
 
-Knot rules: ``equispaced`` on ``[lo, hi]`` (theory.md §3.2, reproduces §3.6) and ``optimal``. The
+Knot rules (``docs/theory/approx1d.md`` §4): ``equispaced`` on ``[lo, hi]`` and ``optimal``. The
 latter follows from the leading error term: on a piece of width ``Δ`` with equal masses,
 ``½∫|g − p| ≈ p |d| Δ² / 8`` where ``d = (log p)′ − (log g)′``. The Gaussian's log-slope is forced,
 ``(log g)′ = −τ p / φ(τ)`` with ``τ = Φ⁻¹(P(x))`` (level and slope are tied through ``σ``), so
@@ -426,7 +426,7 @@ def construct(
         layers: Number of layers ``n ≥ 4``.
         knots: ``optimal`` or ``equispaced`` (:func:`knot_density`).
         interval: ``(lo, hi)`` of the equispaced rule.
-        tail: ``tv`` (minimise each tail's TV) or ``height`` (theory.md §3.3).
+        tail: ``tv`` (minimise each tail's TV) or ``height`` (``docs/theory/approx1d.md`` §3).
         source: ``(μ0, σ0)`` of the normal source.
 
     Returns:
@@ -527,7 +527,7 @@ def convergence_study(
 
 
 # --------------------------------------------------------------------------------------------
-# Figures (theory.md §2.5, F1–F3)
+# Figures (``docs/theory/approx1d.md`` §7, F1–F3)
 # --------------------------------------------------------------------------------------------
 def two_layer_example() -> Flow:
     """The blog's split-and-scale example (F1): ``N(0, 1)`` through ``(w, b, u) = (1, 1, −0.2)``
