@@ -393,7 +393,7 @@ def _count(n: int | None, **points: Tensor | None) -> int:
         raise ValueError(f"the sample counts must agree, got {counts}")
     count = next(iter(counts.values()))
     if not isinstance(count, int) or count < 2:
-        raise ValueError(f"Monte-Carlo TV needs at least two samples per side, got {count!r}")
+        raise ValueError(f"Monte-Carlo TV needs an integer number of at least two samples per side, got {count!r}")
     return count
 
 
