@@ -77,7 +77,7 @@ def main():
               flush=True)
     reference = convergence_study("blog-mixture", grid, knots="equispaced", tail="height")
     print(f"{'blog (ref.)':>13} " + " ".join(f"{r['tv']:9.2e}" for r in reference["results"])
-          + f"  {reference['slope']:7.3f}   (theory.md §3.3 rule: equispaced on [-4, 4], height tails)")
+          + f"  {reference['slope']:7.3f}   (docs/theory/approx1d.md §6: equispaced on [-4, 4], height tails)")
 
     train_grid = (4, 10, 25) if args.quick else (4, 10, 25, 50)
     steps = 200 if args.quick else args.steps

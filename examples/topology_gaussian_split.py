@@ -1,9 +1,9 @@
-"""Isotropic Gaussian split (Kong & Chaudhuri 2020, result 2; theory.md §2.2).
+"""Isotropic Gaussian split (Kong & Chaudhuri 2020, result 2; docs/theory/topology.md §3).
 
 q = N(0, I_d), p = N(0, σ²I_d), σ > 1. Every flow of residual layers z + A h(Bᵀz + b) with M < d neurons
 stays at TV ≥ TV(N(0, I_{d−M}), N(0, σ²I_{d−M})) (derivation: flowprobe.theory.topology.isotropic_floor);
 with M ≥ d the target is reachable. Trains Sylvester flows below, at and above the bound M = d and prints
-a markdown table of the reached KL / TV (Monte-Carlo, 95% CI) next to the floor.
+a markdown table of the reached KL (Monte Carlo ± 1.96 s.e.) and TV (95% interval) next to the floor.
 
     PYTHONPATH=src python examples/topology_gaussian_split.py [--activation identity|softplus] [--layers 1]
 """
@@ -14,6 +14,7 @@ import time
 import torch
 
 from flowprobe.theory import topology as tp
+from flowprobe.theory import topology_experiments as tx
 
 
 def main():
@@ -36,20 +37,20 @@ def main():
     print(bound.statement)
     print(f"Sylvester (orthogonal) flows, activation {args.activation}, ≥ {args.layers} layer(s), reverse KL, "
           f"Adam {args.steps} steps, float64, {args.samples} MC samples\n")
-    print("| M | layers | seed | side | KL (95% CI) | KL floor | TV (95% CI) | TV floor | TV ≥ floor |")
+    print("| M | layers | seed | side | KL (± 1.96 s.e.) | KL floor | TV [95% interval] | TV floor | TV ≥ floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     start = time.time()
     worst_margin = float("inf")
     for m in neurons:
-        runs = tp.isotropic_split_experiment(args.dim, args.scale, [m], seeds, args.steps, args.layers,
+        runs = tx.isotropic_split_experiment(args.dim, args.scale, [m], seeds, args.steps, args.layers,
                                              args.activation, samples=args.samples)
         for r in runs:
             side = "below" if m < bound.min_neurons else ("at" if m == bound.min_neurons else "above")
             if m < bound.min_neurons:
-                worst_margin = min(worst_margin, r.tv.value - r.tv_floor)
-            print(f"| {m} | {r.layers} | {r.seed} | {side} | {r.kl.value:.5f} ± {r.kl.half_width:.5f} | "
-                  f"{r.kl_floor:.5f} | {r.tv.value:.5f} ± {r.tv.half_width:.5f} | {r.tv_floor:.5f} | "
-                  f"{'yes' if r.above_floor else 'NO'} |", flush=True)
+                worst_margin = min(worst_margin, float(r.tv.estimate) - r.tv_floor)
+            tv = f"{float(r.tv.estimate):.5f} [{float(r.tv.low):.5f}, {float(r.tv.high):.5f}]"
+            print(f"| {m} | {r.layers} | {r.seed} | {side} | {r.kl:.5f} ± {1.96 * r.kl_stderr:.5f} | "
+                  f"{r.kl_floor:.5f} | {tv} | {r.tv_floor:.5f} | {'yes' if r.above_floor else 'NO'} |", flush=True)
     print(f"\nsmallest (TV − floor) over runs below the bound: {worst_margin:.5f}; total {time.time() - start:.0f} s")
 
 

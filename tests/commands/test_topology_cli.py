@@ -61,7 +61,7 @@ def test_gaussian_bound_floors_and_training(capsys):
     trained = run_json(capsys, "gaussian", "--dim", "2", "--scale", "1.5", "--train", "--neurons", "1,2",
                        "--seeds", "0", "--steps", "60", "--samples", "5000")
     below, at = trained["runs"]
-    assert below["neurons"] == 1 and below["above_floor"] and below["tv"]["value"] > 0.15
+    assert below["neurons"] == 1 and below["above_floor"] and below["tv"]["low"] > 0.15
     assert at["tv_floor"] == 0
 
 

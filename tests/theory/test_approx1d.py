@@ -39,7 +39,7 @@ def test_blog_mixture_meets_the_reference_bounds(blog):
 
 
 def test_equispaced_height_rule_reproduces_the_reference_numbers():
-    # theory.md §3.6: TV, range of the layer slopes 1 + wu, first right layer (c = 0, u)
+    # docs/theory/approx1d.md §6: TV, range of the layer slopes 1 + wu, first right layer (c = 0, u)
     for n, expected, low, high in ((50, 0.0081585, 0.9083, 1.5382), (300, 0.0013096, 0.9845, 1.5495)):
         built = construct("blog-mixture", n, knots="equispaced", tail="height")
         assert built.tv() == pytest.approx(expected, abs=6e-8)
@@ -114,7 +114,7 @@ def test_layers_are_ordinary_relu_planar_layers(blog):
 def test_exact_tv_lies_in_the_monte_carlo_interval(name, n):
     built = construct(name, n, tail="height")
     mc = built.tv_monte_carlo(200_000, level=0.99, seed=1)
-    assert mc.ci[0] <= built.tv() <= mc.ci[1]
+    assert float(mc.low) <= built.tv() <= float(mc.high)
 
 
 def test_a_normal_target_is_reproduced_exactly():

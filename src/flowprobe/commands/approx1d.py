@@ -33,8 +33,8 @@ def run_approx1d(args: argparse.Namespace) -> dict:
         built = construct(target, n, knots=args.knots, interval=interval, tail=args.tail,
                           source=(args.source_loc, args.source_scale))
         mc = built.tv_monte_carlo(args.mc_samples, seed=args.seed)
-        results.append({"layers": n, "tv": built.tv(), "tv_mc": mc.estimate, "tv_mc_ci": list(mc.ci),
-                        "aligned": built.aligned, "centre": built.centre})
+        results.append({"layers": n, "tv": built.tv(), "tv_mc": float(mc.estimate),
+                        "tv_mc_ci": [float(mc.low), float(mc.high)], "aligned": built.aligned, "centre": built.centre})
         if figures:
             lo, hi = interval or target.interval or (float(built.knots[0]), float(built.knots[-1]))
             save_figure(plot_approximation(built, lo, hi), figures / f"approx1d_n{n}.png")

@@ -26,6 +26,8 @@ from flowprobe.flow import Flow
 from flowprobe.layers import Planar, Sylvester
 from flowprobe.plots import save_figure
 from flowprobe.theory import topology as tp
+from flowprobe.theory import topology_experiments as tx
+from flowprobe.theory import topology_figures as tf
 from flowprobe.userfile import load_user_object
 
 __all__ = ["add_commands", "load_object"]
@@ -149,7 +151,8 @@ def _gaussian(args: argparse.Namespace) -> int:
     bound = tp.gaussian_neuron_bound(cov_q, cov_p)
     result: dict[str, Any] = {"bound": bound.__dict__}
     lines = [
-        f"Δ = Σ_q⁻¹ − Σ_p⁻¹: eigenvalues {', '.join(f'{e:.4g}' for e in bound.eigenvalues)}",
+        f"variance ratios λ of Σ_p v = λ Σ_q v: {', '.join(f'{e:.4g}' for e in bound.variance_ratios)}",
+        f"Δ = Σ_q⁻¹ − Σ_p⁻¹ has n₊ = #{{λ > 1}}, n₋ = #{{λ < 1}} (|λ − 1| ≤ {bound.tolerance:.1e}: round-off)",
         f"minimum admissible neurons M = max(n₊, n₋) = max({bound.positive}, {bound.negative}) = {bound.min_neurons}",
         bound.statement,
     ]
@@ -163,17 +166,17 @@ def _gaussian(args: argparse.Namespace) -> int:
         lines += [f"{f['neurons']:>4} {f['tv_floor']:>10.5f} {f['kl_floor']:>10.5f}" for f in floors]
     if args.train:
         torch.set_num_threads(1)
-        runs = tp.isotropic_split_experiment(args.dim, args.scale, args.neurons, args.seeds, args.steps, args.layers,
+        runs = tx.isotropic_split_experiment(args.dim, args.scale, args.neurons, args.seeds, args.steps, args.layers,
                                              args.activation, samples=args.samples)
-        result["runs"] = [{**r.__dict__, "kl": r.kl._asdict(), "tv": r.tv._asdict(), "above_floor": r.above_floor}
-                          for r in runs]
+        result["runs"] = [{**r.__dict__, "tv": r.tv.to_dict(), "above_floor": r.above_floor} for r in runs]
         lines += ["", f"trained Sylvester flows ({args.activation}, reverse KL, {args.steps} Adam steps, "
-                  f"{args.samples} MC samples, ±: 95% CI)",
-                  f"{'M':>4} {'layers':>6} {'seed':>4} {'KL':>18} {'TV':>18} {'TV floor':>9}  vs bound"]
+                  f"{args.samples} MC samples; KL ± 1.96 s.e., TV with its 95% interval)",
+                  f"{'M':>4} {'layers':>6} {'seed':>4} {'KL':>18} {'TV':>28} {'TV floor':>9}  vs bound"]
         for r in runs:
             side = "below" if r.neurons < bound.min_neurons else ("at" if r.neurons == bound.min_neurons else "above")
-            lines.append(f"{r.neurons:>4} {r.layers:>6} {r.seed:>4} {r.kl.value:>9.5f} ± {r.kl.half_width:.5f} "
-                         f"{r.tv.value:>9.5f} ± {r.tv.half_width:.5f} {r.tv_floor:>9.5f}  {side}")
+            tv = f"{float(r.tv.estimate):.5f} [{float(r.tv.low):.5f}, {float(r.tv.high):.5f}]"
+            lines.append(f"{r.neurons:>4} {r.layers:>6} {r.seed:>4} {r.kl:>9.5f} ± {1.96 * r.kl_stderr:.5f} "
+                         f"{tv:>28} {r.tv_floor:>9.5f}  {side}")
     _emit(args, result, lines)
     return 0
 
@@ -183,19 +186,20 @@ def _gaussian(args: argparse.Namespace) -> int:
 
 def _relu(args: argparse.Namespace) -> int:
     if args.fit is not None:
-        run = tp.relu_impossibility(args.fit, args.layers, args.seed, args.steps)
-        tvs = ", ".join(f"{s}: {e.value:.4f}±{e.half_width:.4f}" for s, e in zip(run.steps, run.tv, strict=True))
+        run = tx.relu_impossibility(args.fit, args.layers, args.seed, args.steps)
+        tvs = ", ".join(f"{s}: {float(e.estimate):.4f} [{float(e.low):.4f}, {float(e.high):.4f}]"
+                        for s, e in zip(run.steps, run.tv, strict=True))
         lines = [
-            f"forbidden pair {args.fit!r}: {tp.FORBIDDEN_PAIRS[args.fit]}",
+            f"forbidden pair {args.fit!r}: {tx.FORBIDDEN_PAIRS[args.fit]}",
             f"ReLU Sylvester flow, {run.layers} layers (M = {2 * run.layers}), seed {run.seed}, forward KL",
-            f"TV(f#q, p) after steps {tvs}",
+            f"TV(f#q, p) with its 95% interval after steps {tvs}",
             f"pointwise residual ‖Cᵀ∇log p(f(z)) − ∇log q(z)‖ over 1000 off-kink points: "
             f"median {run.residual_median:.3g}, 90% {run.residual_p90:.3g}",
             f"control, same flow with p := f#q: max residual {run.exact_residual_max:.2e}",
         ]
-        _emit(args, {**run.__dict__, "tv": [e._asdict() for e in run.tv]}, lines)
+        _emit(args, {**run.__dict__, "tv": [e.to_dict() for e in run.tv]}, lines)
         return 0
-    flow = _flow(args.flow, tp.relu_demo_flow(args.seed))
+    flow = _flow(args.flow, tx.relu_demo_flow(args.seed))
     target = _density(args.target)
     torch.manual_seed(args.seed)
     z = tp.off_kink_points(flow, args.points)
@@ -233,8 +237,8 @@ def _relu(args: argparse.Namespace) -> int:
 
 def _figures(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    paths = [str(save_figure(tp.ridge_figure(args.grid), out / "topology_ridge.png")),
-             str(save_figure(tp.modes_figure(size=args.grid), out / "topology_modes.png"))]
+    paths = [str(save_figure(tf.ridge_figure(args.grid), out / "topology_ridge.png")),
+             str(save_figure(tf.modes_figure(size=args.grid), out / "topology_modes.png"))]
     _emit(args, {"figures": paths}, [f"figure: {p}" for p in paths])
     return 0
 
@@ -268,14 +272,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     gauss.add_argument("--steps", type=_positive, default=1500, help="Adam steps (default 1500)")
     gauss.add_argument("--layers", type=_positive, default=1, help="layers per flow (default 1)")
     gauss.add_argument("--activation", default="identity", help="activation (default identity; e.g. softplus)")
-    gauss.add_argument("--samples", type=_positive, default=200_000, help="MC samples for TV/KL (default 200000)")
+    gauss.add_argument("--samples", type=_positive, default=200_000,
+                       help="MC samples for TV (per side) and KL (default 200000)")
     gauss.set_defaults(func=_gaussian)
 
     relu = add("relu", "ReLU pointwise condition: residual and modes; --fit: a forbidden pair")
     relu.add_argument("--flow", help="file.py:name of a ReLU Flow (default: 3 random layers on a 4-peak mixture)")
     relu.add_argument("--target", help="file.py:name of p (default: the flow itself, p = f#q)")
     relu.add_argument("--points", type=_positive, default=1000, help="off-kink points (default 1000)")
-    relu.add_argument("--fit", choices=sorted(tp.FORBIDDEN_PAIRS), help="train on a forbidden pair instead")
+    relu.add_argument("--fit", choices=sorted(tx.FORBIDDEN_PAIRS), help="train on a forbidden pair instead")
     relu.add_argument("--layers", type=_positive, default=4, help="layers for --fit (default 4)")
     relu.add_argument("--steps", type=_positive, default=2000, help="Adam steps for --fit (default 2000)")
     relu.set_defaults(func=_relu)

@@ -1,3 +1,9 @@
-"""Diagnostics for the expressive-power results of Kong & Chaudhuri (AISTATS 2020), one module per
-result: ``approx1d`` (universal approximation on R), ``topology`` (topology matching), ``depth``
-(minimum-depth lower bounds) and ``tv`` (total-variation estimates)."""
+"""Diagnostics for the expressive-power results of Kong & Chaudhuri (AISTATS 2020); the math is in
+``docs/theory/``.
+
+* ``approx1d`` (with ``targets1d``): universal approximation on R, by construction, with exact TV.
+* ``topology``: topology matching — the gradient-set rank, the Gaussian neuron bound and its floor,
+  the ReLU pointwise condition; ``topology_experiments`` trains flows on these results and
+  ``topology_figures`` draws them.
+* ``tv``: total variation — closed forms, exact on R, Monte Carlo with confidence intervals in R^d.
+"""

@@ -1,13 +1,13 @@
 r"""Universal approximation on ``R`` with ReLU planar layers, by construction, with exact TV.
 
-Kong & Chaudhuri (AISTATS 2020, result 1; theory.md §2.1, §3): a 1-D ReLU planar layer
+Kong & Chaudhuri (AISTATS 2020, result 1; ``docs/theory/approx1d.md``): a 1-D ReLU planar layer
 :math:`f(z) = z + u\,\mathrm{ReLU}(wz + b)` fixes its breakpoint :math:`c = -b/w`, is the identity on
 one side and the affine map :math:`z \mapsto c + s(z - c)`, :math:`s = 1 + uw > 0`, on the other.
 Mass on each side of ``c`` is preserved and a Gaussian piece stays a Gaussian piece whose
 standardised position at ``c`` is unchanged. Stacking ``n`` such layers pushes ``N(μ0, σ0²)`` to a
 *piecewise-Gaussian* density.
 
-Construction (centre-out, one layer per piece, theory.md §3.3, generalised):
+Construction (centre-out, one layer per piece, ``docs/theory/approx1d.md`` §2):
 
 1. Centre ``x*``: a crossing of the source and target CDFs, ``Φ((x* − μ0)/σ0) = P(x*)``. If the
    CDFs never cross (e.g. ``Exp(1)`` against ``N(0, 1)``), one *alignment* layer with a breakpoint
@@ -20,7 +20,7 @@ Construction (centre-out, one layer per piece, theory.md §3.3, generalised):
    slope ``σ_j/σ_{j−1}``; left of ``x*`` mirrored; then one tail layer on each side (slope by
    height matching, or minimising the tail's TV).
 
-Knot rules: ``equispaced`` on ``[lo, hi]`` (theory.md §3.2, reproduces §3.6) and ``optimal``. The
+Knot rules (``docs/theory/approx1d.md`` §4): ``equispaced`` on ``[lo, hi]`` and ``optimal``. The
 latter follows from the leading error term: on a piece of width ``Δ`` with equal masses,
 ``½∫|g − p| ≈ p |d| Δ² / 8`` where ``d = (log p)′ − (log g)′``. The Gaussian's log-slope is forced,
 ``(log g)′ = −τ p / φ(τ)`` with ``τ = Φ⁻¹(P(x))`` (level and slope are tied through ``σ``), so
@@ -48,7 +48,7 @@ from flowprobe.distributions import DiagonalNormal, StandardNormal
 from flowprobe.flow import Flow
 from flowprobe.layers.planar import DEFAULT_MIN_SLOPE, Planar
 from flowprobe.theory.targets1d import Target1D, parse_target
-from flowprobe.theory.tv import MonteCarloTV, tv_monte_carlo, tv_quadrature
+from flowprobe.theory.tv import TVEstimate, tv_monte_carlo, tv_quadrature
 
 __all__ = [
     "Construction",
@@ -394,9 +394,9 @@ class Construction:
             self._tv[tol] = tv_quadrature(self.target.log_pdf, self.map.log_prob, breakpoints, tol=tol)
         return self._tv[tol]
 
-    def tv_monte_carlo(self, samples: int = 200_000, level: float = 0.99, seed: int = 0) -> MonteCarloTV:
-        """Monte-Carlo ``TV = E_q[(1 − p/q)⁺]`` with a CLT interval, from ``samples`` draws of the flow
-        (through the collapsed map, which the tests check against the layers)."""
+    def tv_monte_carlo(self, samples: int = 200_000, level: float = 0.99, seed: int = 0) -> TVEstimate:
+        """Monte-Carlo ``TV = E_q[(1 − p/q)⁺]`` with its empirical-Bernstein interval, from ``samples`` draws
+        of the flow (through the collapsed map, which the tests check against the layers)."""
         z = self.map.loc + self.map.scale * np.random.default_rng(seed).standard_normal(samples)
         x = self.map.forward(z)
         return tv_monte_carlo(self.map.log_prob(x), self.target.log_pdf(x), level)
@@ -427,7 +427,7 @@ def construct(
         layers: Number of layers ``n ≥ 4``.
         knots: ``optimal`` or ``equispaced`` (:func:`knot_density`).
         interval: ``(lo, hi)`` of the equispaced rule.
-        tail: ``tv`` (minimise each tail's TV) or ``height`` (theory.md §3.3).
+        tail: ``tv`` (minimise each tail's TV) or ``height`` (``docs/theory/approx1d.md`` §3).
         source: ``(μ0, σ0)`` of the normal source.
 
     Returns:
@@ -521,14 +521,14 @@ def convergence_study(
         row: dict = {"layers": int(n), "tv": built.tv()}
         if mc_samples:
             mc = built.tv_monte_carlo(mc_samples, seed=seed)
-            row |= {"tv_mc": mc.estimate, "tv_mc_ci": list(mc.ci)}
+            row |= {"tv_mc": float(mc.estimate), "tv_mc_ci": [float(mc.low), float(mc.high)]}
         results.append(row)
     slope = loglog_slope([r["layers"] for r in results], [r["tv"] for r in results]) if len(results) > 1 else None
     return {"target": target.name, "results": results, "slope": slope}
 
 
 # --------------------------------------------------------------------------------------------
-# Figures (theory.md §2.5, F1–F3)
+# Figures (``docs/theory/approx1d.md`` §7, F1–F3)
 # --------------------------------------------------------------------------------------------
 def two_layer_example() -> Flow:
     """The blog's split-and-scale example (F1): ``N(0, 1)`` through ``(w, b, u) = (1, 1, −0.2)``

@@ -1,34 +1,23 @@
-r"""Topology matching (Kong & Chaudhuri, AISTATS 2020, results 2 and 3): can a flow map ``q`` to ``p``
-exactly, and if not, why not.
+r"""Topology matching (Kong & Chaudhuri, AISTATS 2020, results 2 and 3): the math of whether a flow can
+map ``q`` to ``p`` exactly, and why not. Derivations: ``docs/theory/topology.md``.
 
-Every Planar / Sylvester / GeneralSylvester layer has the residual form
-``f_t(y) = y + A_t h(B_tᵀy + b_t)`` with ``m_t`` neurons; ``M = Σ_t m_t`` is the flow's neuron count.
-For a flow ``f = f_T ∘ ⋯ ∘ f_1`` and densities ``q`` (source), ``p`` (target) let
+Planar, Sylvester and GeneralSylvester layers have the residual form ``f_t(y) = y + A_t h(B_tᵀy + b_t)``
+with ``m_t`` neurons; ``M = Σ_t m_t`` is the flow's neuron count (:func:`residual_form`,
+:func:`neuron_count`). For ``f = f_T ∘ ⋯ ∘ f_1``, a source ``q`` and a target ``p`` let
 
 .. math:: L(z) = \log p(f(z)) - \log q(z).
 
-*Smooth h (theory.md §2.2).* If ``f#q = p`` then ``L = −log|det J_f|`` and
-``∇L(z) ∈ U = span(B_1, …, B_T)`` for every ``z`` — the raw columns of the ``B_t`` in the common
-coordinates of ``R^d``, no pull-back needed: ``J_sᵀ v = v + B_s diag(h') A_sᵀ v`` only adds vectors of
-``span(B_s)``. Hence ``dim span{∇L(z)} ≤ dim U ≤ M``. :func:`gradient_set` measures the numerical
-rank and the part of the gradients outside ``U``.
+* *Smooth h* (§2): if ``f#q = p`` then ``∇L(z) ∈ span(B_1, …, B_T)`` for every ``z``
+  (:func:`gradient_set`).
+* *Gaussian pairs* (§3): exact transport needs ``M ≥ max(n₊, n₋)`` of ``Σ_q⁻¹ − Σ_p⁻¹``
+  (:func:`gaussian_neuron_bound`); for ``q = N(0, I)``, ``p = N(0, σ²I)`` and ``M < d`` the TV and KL
+  are bounded below (:func:`isotropic_floor`).
+* *ReLU h* (§4): off the kinks ``f(z) = Cz + c`` and ``Cᵀ∇log p(f(z)) = ∇log q(z)``; modes of ``q``
+  map to modes of ``p`` with ``p(f(z*)) = q(z*)/|det C|`` (:func:`local_linear_map`,
+  :func:`pointwise_residual`, :func:`mode_images`).
 
-*Gaussians.* For ``e, e' ⊥ U``: ``J_f e = e`` and ``f(z + te') = f(z) + te'``, so ``f#q = p`` forces
-``eᵀ(Σ_q⁻¹ − Σ_p⁻¹)e' = 0``: the quadratic form of ``Δ = Σ_q⁻¹ − Σ_p⁻¹`` vanishes on ``U^⊥``, which
-needs ``M ≥ max(n₊(Δ), n₋(Δ))`` (:func:`gaussian_neuron_bound`). For ``q = N(0, I)``,
-``p = N(0, σ²I)`` and ``M < d`` even *approximation* is limited (:func:`isotropic_floor`).
-
-*ReLU h (theory.md §2.3).* ``f`` is piecewise linear; off the kinks ``f(z) = Cz + c`` near ``z`` with
-``C = Π_t (I + A_t diag(1[B_tᵀy_{t−1} + b_t > 0]) B_tᵀ)`` and, if ``f#q = p``,
-``Cᵀ∇log p(f(z)) = ∇log q(z)``; modes of ``q`` map to modes of ``p`` with
-``p(f(z*)) = q(z*)/|det C|``. For real-analytic ``q, p`` (Gaussian mixtures) the identity
-``p(Cz + c)|det C| = q(z)`` on one open region extends to all of ``R^d``: ``p`` must be an affine image
-of ``q`` (our derivation), so e.g. a Gaussian cannot be mapped exactly onto a product of bimodal
-marginals, nor an equal-weight 4-mixture onto an unequal-weight one.
-
-Training uses :func:`flowprobe.fit` (reverse KL through :func:`target_energy`, forward KL on a fixed
-target sample); the Monte-Carlo estimator :func:`monte_carlo_divergences` is a small stand-in meant to
-be swapped for ``flowprobe.theory.tv``.
+Training experiments on these results: :mod:`flowprobe.theory.topology_experiments`; figures:
+:mod:`flowprobe.theory.topology_figures`.
 
 References:
     Z. Kong, K. Chaudhuri. The Expressive Power of a Class of Normalizing Flow Models.
@@ -43,57 +32,35 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple, Protocol
 
 import torch
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from scipy.stats import chi2
 from torch import Tensor
 
 from flowprobe.activations import Activation
-from flowprobe.distributions import Density, DiagonalNormal, Energy, FunctionEnergy, GaussianMixture, StandardNormal
 from flowprobe.flow import Flow
-from flowprobe.layers import FlowLayer, LayerView, Planar, Sylvester
+from flowprobe.layers import FlowLayer, LayerView
 from flowprobe.layers.base import layer_slice
-from flowprobe.plots import plt
-from flowprobe.train import fit
+from flowprobe.theory.tv import isotropic_normal_tv
 
 __all__ = [
-    "FORBIDDEN_PAIRS",
-    "Estimate",
     "GaussianNeuronBound",
     "GradientSet",
-    "ImpossibilityRun",
     "LogDensity",
     "ModeImage",
     "ResidualForm",
-    "SplitRun",
-    "bimodal_product",
     "find_modes",
-    "forbidden_pair",
-    "four_peak_mixture",
     "gaussian_neuron_bound",
     "gradient_set",
     "isotropic_floor",
     "isotropic_kl",
-    "isotropic_split_experiment",
-    "isotropic_tv",
     "local_linear_map",
     "log_ratio",
     "log_ratio_gradient",
     "mode_images",
-    "modes_figure",
-    "monte_carlo_divergences",
     "neuron_count",
     "neuron_subspace",
     "numerical_rank",
     "off_kink_points",
     "pointwise_residual",
-    "relu_demo_flow",
-    "relu_impossibility",
     "residual_form",
-    "ridge_figure",
-    "ridge_rows",
-    "sylvester_stack",
-    "target_energy",
 ]
 
 
@@ -188,7 +155,7 @@ def log_ratio_gradient(
 
 @dataclass(frozen=True)
 class GradientSet:
-    """The gradient-set diagnostic of theory.md §2.2.
+    """The gradient-set diagnostic (``docs/theory/topology.md`` §2).
 
     Attributes:
         rank: Numerical rank of ``{∇L(z_i)}``.
@@ -252,42 +219,62 @@ def gradient_set(
 
 @dataclass(frozen=True)
 class GaussianNeuronBound:
-    """Minimum admissible neuron count for ``N(μ_q, Σ_q) → N(μ_p, Σ_p)`` (theory.md §2.2(b)).
+    """Minimum admissible neuron count for ``N(μ_q, Σ_q) → N(μ_p, Σ_p)`` (``docs/theory/topology.md`` §3).
 
     Attributes:
-        positive: ``n₊``, positive eigenvalues of ``Δ = Σ_q⁻¹ − Σ_p⁻¹``.
-        negative: ``n₋``, negative eigenvalues.
+        positive: ``n₊``, positive eigenvalues of ``Δ = Σ_q⁻¹ − Σ_p⁻¹`` (ratios ``λ > 1``).
+        negative: ``n₋``, negative eigenvalues of ``Δ`` (ratios ``λ < 1``).
         min_neurons: ``max(n₊, n₋)``.
-        eigenvalues: Eigenvalues of ``Δ``, ascending.
+        variance_ratios: The generalised eigenvalues ``λ`` of ``Σ_p v = λ Σ_q v``, ascending.
+        tolerance: ``|λ − 1| ≤ tolerance`` counts as ``λ = 1`` (round-off).
         statement: What the bound rules out, in words.
     """
 
     positive: int
     negative: int
     min_neurons: int
-    eigenvalues: list[float]
+    variance_ratios: list[float]
+    tolerance: float
     statement: str
 
 
-def gaussian_neuron_bound(cov_q: Tensor, cov_p: Tensor) -> GaussianNeuronBound:
-    """``max(n₊, n₋)`` of ``Σ_q⁻¹ − Σ_p⁻¹``: no residual-form flow with fewer neurons maps q to p exactly.
+def _check_covariance(cov: Tensor, name: str, dim: int) -> None:
+    if not dim or cov.shape != (dim, dim) or not torch.allclose(cov, cov.mT) or torch.linalg.cholesky_ex(cov).info:
+        size = f"({dim}, {dim})" if dim else "(d, d)"
+        raise ValueError(f"{name} must be a symmetric positive definite {size} matrix")
 
-    Eigenvalues count as zero below ``d·eps·max(‖Σ_q⁻¹‖, ‖Σ_p⁻¹‖)``.
+
+def gaussian_neuron_bound(cov_q: Tensor, cov_p: Tensor) -> GaussianNeuronBound:
+    r"""``max(n₊, n₋)`` of ``Δ = Σ_q⁻¹ − Σ_p⁻¹``: no residual-form flow with fewer neurons maps q to p exactly.
+
+    The inertia of ``Δ`` comes from the generalised eigenvalues ``λ`` of ``(Σ_p, Σ_q)``: with
+    ``Σ_q = LLᵀ`` and ``S = L⁻¹Σ_pL⁻ᵀ`` (eigenvalues ``λ``), ``LᵀΔL = I − S⁻¹``, so by Sylvester's law
+    of inertia ``n₊ = #{λ > 1}`` and ``n₋ = #{λ < 1}`` (``docs/theory/topology.md`` §3). ``λ`` counts
+    as 1 within
+
+    .. math:: \tau = 8d\,\varepsilon\,\big((\|\Sigma_p\| + \|\Sigma_q\|)\,\|\Sigma_q^{-1}\| + \|S\|\big),
+
+    the first-order change of ``λ`` under relative perturbations ``ε`` of the inputs, the Cholesky
+    factor and the triangular solves, plus the eigensolver's ``ε‖S‖`` (spectral norms). Inverting
+    ``Σ_q`` and ``Σ_p`` separately instead loses ``cond(Σ)·ε`` in ``Δ``, and its round-off
+    eigenvalues were counted as neurons once ``Σ_q`` was ill-conditioned.
 
     Raises:
         ValueError: the covariances are not symmetric positive definite ``(d, d)`` matrices of one size.
     """
-    cov_q, cov_p = torch.as_tensor(cov_q), torch.as_tensor(cov_p)
+    cov_q = torch.as_tensor(cov_q)
+    cov_p = torch.as_tensor(cov_p).to(cov_q)
     dim = cov_q.shape[-1] if cov_q.dim() == 2 else 0
-    for name, cov in (("cov_q", cov_q), ("cov_p", cov_p)):
-        if not dim or cov.shape != (dim, dim) or not torch.allclose(cov, cov.T) or torch.linalg.cholesky_ex(cov).info:
-            size = f"({dim}, {dim})" if dim else "(d, d)"
-            raise ValueError(f"{name} must be a symmetric positive definite {size} matrix")
-    prec_q, prec_p = torch.linalg.inv(cov_q), torch.linalg.inv(cov_p.to(cov_q))
-    eig = torch.linalg.eigvalsh(prec_q - prec_p)
-    scale = max(float(torch.linalg.eigvalsh(prec_q).max()), float(torch.linalg.eigvalsh(prec_p).max()))
-    tol = dim * torch.finfo(eig.dtype).eps * scale
-    positive, negative = int((eig > tol).sum()), int((eig < -tol).sum())
+    _check_covariance(cov_q, "cov_q", dim)
+    _check_covariance(cov_p, "cov_p", dim)
+    chol = torch.linalg.cholesky(cov_q)
+    half = torch.linalg.solve_triangular(chol, cov_p, upper=False)  # L⁻¹Σ_p
+    whitened = torch.linalg.solve_triangular(chol, half.mT, upper=False)  # L⁻¹Σ_pL⁻ᵀ
+    ratios = torch.linalg.eigvalsh(0.5 * (whitened + whitened.mT))
+    spectrum_q = torch.linalg.eigvalsh(cov_q)
+    scale = (torch.linalg.eigvalsh(cov_p)[-1] + spectrum_q[-1]) / spectrum_q[0] + ratios[-1]
+    tol = float(8 * dim * torch.finfo(cov_q.dtype).eps * scale)
+    positive, negative = int((ratios > 1 + tol).sum()), int((ratios < 1 - tol).sum())
     bound = max(positive, negative)
     statement = (
         f"Σ_q⁻¹ − Σ_p⁻¹ has {positive} positive and {negative} negative eigenvalues: no stack of "
@@ -295,22 +282,9 @@ def gaussian_neuron_bound(cov_q: Tensor, cov_p: Tensor) -> GaussianNeuronBound:
         f"total maps q exactly onto p (the quadratic form would have to vanish on span(B)^⊥, of dimension "
         f"≥ {dim} − M)."
         if bound
-        else "Σ_q = Σ_p: this covariance test rules out no neuron count."
+        else "Σ_q = Σ_p (to round-off): this covariance test rules out no neuron count."
     )
-    return GaussianNeuronBound(positive, negative, bound, eig.tolist(), statement)
-
-
-def isotropic_tv(dim: int, variance: float) -> float:
-    """``TV(N(0, I_n), N(0, v I_n))`` in closed form (``n = dim``, ``v = variance``).
-
-    The densities cross at ``‖x‖² = r² = n v ln v / (v − 1)``, so with ``F_n`` the χ²_n CDF and
-    ``v ≥ 1`` (else swap the roles by scale invariance) ``TV = F_n(r²) − F_n(r²/v)``.
-    """
-    if dim == 0 or variance == 1:
-        return 0.0
-    v = max(variance, 1 / variance)
-    r2 = dim * v * math.log(v) / (v - 1)
-    return float(chi2.cdf(r2, dim) - chi2.cdf(r2 / v, dim))
+    return GaussianNeuronBound(positive, negative, bound, ratios.tolist(), tol, statement)
 
 
 def isotropic_kl(dim: int, variance: float) -> float:
@@ -320,121 +294,17 @@ def isotropic_kl(dim: int, variance: float) -> float:
 
 def isotropic_floor(dim: int, neurons: int, scale: float) -> tuple[float, float]:
     r"""Lower bounds on ``TV`` and reverse ``KL`` between ``f#N(0, I_d)`` and ``N(0, σ²I_d)`` for any
-    residual-form flow ``f`` with ``M`` neurons (any activation).
+    residual-form flow ``f`` with ``M`` neurons (any activation; ``docs/theory/topology.md`` §3).
 
-    Derivation: write ``z = (z_U, z_⊥)`` for ``U = span(B_1..B_T)``, ``n = d − dim U ≥ d − M``.
-    ``f(z) − z`` depends on ``z`` only through ``z_U``, so ``x_U`` is a bijective function of ``z_U``
-    and, given ``x_U``, ``x_⊥ = z_⊥ + c(x_U) ~ N(c, I_n)`` (``z_⊥`` is independent of ``z_U``). Under
-    ``p``, ``x_⊥ | x_U ~ N(0, σ²I_n)``. Per ``x_U``, ``min_{t ≥ 0, c} ‖tN(c, I) − N(0, σ²I)‖₁`` is
-    attained at ``c = 0`` (the level sets are concentric balls) and is convex in ``t``; Jensen over
-    ``x_U ~ p`` gives ``TV ≥ TV(N(0, I_n), N(0, σ²I_n))``. The chain rule of KL gives
-    ``KL(f#q ‖ p) ≥ KL(N(0, I_n) ‖ N(0, σ²I_n))``. Both are attained by the linear flow that scales
-    ``U`` by ``σ`` and leaves ``U^⊥`` alone, so they are the exact infima.
+    With ``n = d − min(M, d)`` coordinates outside ``span(B)``, ``TV ≥ TV(N(0, I_n), N(0, σ²I_n))``
+    and ``KL ≥ KL(N(0, I_n) ‖ N(0, σ²I_n))``; the linear flow that scales ``span(B)`` by ``σ``
+    attains both, so they are the exact infima.
 
     Returns:
-        ``(tv_floor, kl_floor)`` with ``n = d − min(M, d)``.
+        ``(tv_floor, kl_floor)``.
     """
     n = dim - min(neurons, dim)
-    return isotropic_tv(n, scale**2), isotropic_kl(n, scale**2)
-
-
-# -- Monte-Carlo estimates and training (stand-ins for flowprobe.theory.tv and flowprobe.fit) ------
-
-
-class Estimate(NamedTuple):
-    """A Monte-Carlo mean with the half-width of its 95% normal confidence interval."""
-
-    value: float
-    half_width: float
-
-
-def _mean_ci(samples: Tensor) -> Estimate:
-    return Estimate(float(samples.mean()), 1.96 * float(samples.std()) / math.sqrt(samples.numel()))
-
-
-@torch.no_grad()
-def monte_carlo_divergences(model: Flow, target: LogDensity, samples: int, batch: int = 65536) -> dict[str, Estimate]:
-    """``TV(model, p)`` and ``KL(model ‖ p)`` from samples of the model (forward direction only).
-
-    ``TV = E_{x∼model}[(1 − p(x)/model(x))₊]`` (bounded integrand, unbiased) and
-    ``KL = E_{x∼model}[log model(x) − log p(x)]``, each with a 95% CI.
-    """
-    tv_terms, kl_terms = [], []
-    for start in range(0, samples, batch):
-        x, log_model = model.rsample_and_log_prob(min(batch, samples - start))
-        log_ratio_values = target.log_prob(x) - log_model
-        tv_terms.append((1 - log_ratio_values.exp()).clamp_min(0))
-        kl_terms.append(-log_ratio_values)
-    return {"tv": _mean_ci(torch.cat(tv_terms)), "kl": _mean_ci(torch.cat(kl_terms))}
-
-
-def target_energy(target: LogDensity, dim: int) -> Energy:
-    """``U = −log p`` as an :class:`~flowprobe.distributions.Energy`, so that ``fit(flow, energy=U)``
-    minimises the reverse KL ``KL(f#q ‖ p)`` (exact, since ``p`` is normalised)."""
-    return FunctionEnergy(lambda x: -target.log_prob(x), dim, getattr(target, "name", "target"))
-
-
-def sylvester_stack(dim: int, neurons: int, layers: int = 1, activation: str = "identity") -> list[Sylvester]:
-    """``layers`` orthogonal Sylvester layers with ``neurons`` in total (split evenly, ``≤ dim`` each).
-
-    The number of layers is raised to ``⌈M/d⌉`` and capped at ``M`` where needed.
-    """
-    count = min(max(layers, math.ceil(neurons / dim)), neurons)
-    sizes = [neurons // count + (i < neurons % count) for i in range(count)]
-    return [Sylvester(dim, hidden=m, kind="orthogonal", activation=activation) for m in sizes]
-
-
-@dataclass(frozen=True)
-class SplitRun:
-    """One trained flow of the isotropic Gaussian experiment."""
-
-    neurons: int
-    layers: int
-    seed: int
-    activation: str
-    kl: Estimate
-    tv: Estimate
-    kl_floor: float
-    tv_floor: float
-
-    @property
-    def above_floor(self) -> bool:
-        """Whether the TV estimate is not significantly below the derived floor."""
-        return self.tv.value + self.tv.half_width >= self.tv_floor
-
-
-def isotropic_split_experiment(
-    dim: int,
-    scale: float,
-    neurons: Sequence[int],
-    seeds: Sequence[int],
-    steps: int = 1500,
-    layers: int = 1,
-    activation: str = "identity",
-    lr: float = 2e-2,
-    batch: int = 512,
-    samples: int = 200_000,
-) -> list[SplitRun]:
-    """Train Sylvester flows ``N(0, I_d) → N(0, σ²I_d)`` for each ``M`` and seed (float64) with
-    :func:`flowprobe.fit` on the reverse KL (cosine schedule, no clipping).
-
-    The minimum admissible ``M`` is ``d``; below it the reached TV / KL cannot beat
-    :func:`isotropic_floor`, at and above it they can approach 0.
-    """
-    runs = []
-    for m in neurons:
-        for seed in seeds:
-            torch.manual_seed(seed)
-            stack = sylvester_stack(dim, m, layers, activation)
-            flow = Flow(StandardNormal(dim), stack).double()
-            zeros = torch.zeros(dim, dtype=torch.float64)
-            target = DiagonalNormal(zeros, torch.full_like(zeros, scale))
-            fit(flow, energy=target_energy(target, dim), steps=steps, lr=lr, batch_size=batch, clip=None,
-                log_every=steps, seed=seed, anneal=0)  # unimodal target: no temperature warm-up
-            est = monte_carlo_divergences(flow, target, samples)
-            tv_floor, kl_floor = isotropic_floor(dim, m, scale)
-            runs.append(SplitRun(m, len(stack), seed, activation, est["kl"], est["tv"], kl_floor, tv_floor))
-    return runs
+    return isotropic_normal_tv(n, scale**2), isotropic_kl(n, scale**2)
 
 
 # -- ReLU flows: local linear maps, pointwise residual, modes --------------------------------------
@@ -485,7 +355,7 @@ def pointwise_residual(
 ) -> Tensor:
     """``‖Cᵀ∇log p(f(z)) − ∇log q(z)‖`` per point, ``(N,)`` (``C`` from :func:`local_linear_map`).
 
-    Zero off the kinks when ``f#q = p`` and ``h`` is ReLU (theory.md §2.3); defaults as in
+    Zero off the kinks when ``f#q = p`` and ``h`` is ReLU (``docs/theory/topology.md`` §4); defaults as in
     :func:`log_ratio`.
     """
     source = flow.base if source is None else source
@@ -495,6 +365,16 @@ def pointwise_residual(
         x, _ = flow(z)
     pulled = (c.transpose(-1, -2) @ _grad_log(target, x).unsqueeze(-1)).squeeze(-1)
     return (pulled - _grad_log(source, z)).norm(dim=-1)
+
+
+def off_kink_points(flow: Flow, count: int, margin: float = 1e-6) -> Tensor:
+    """``count`` samples of the flow's source at distance ``> margin`` from every kink."""
+    z = flow.base.sample(2 * count)
+    _, distance = local_linear_map(flow, z)
+    z = z[distance > margin]
+    if z.shape[0] < count:
+        raise ValueError(f"only {z.shape[0]} of {2 * count} points lie off the kinks (margin {margin:g})")
+    return z[:count]
 
 
 def _gradient_and_hessian(density: LogDensity, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -585,214 +465,3 @@ def mode_images(
         )
         for i in range(modes.shape[0])
     ]
-
-
-# -- built-in pairs and the ReLU impossibility experiment -----------------------------------------
-
-
-def four_peak_mixture(dtype: torch.dtype = torch.float64) -> GaussianMixture:
-    """Equal-weight mixture of ``N(±1.2 e_i, 0.25 I)`` on ``R²`` (theory.md §2.3(c))."""
-    means = torch.tensor([[1.2, 0.0], [-1.2, 0.0], [0.0, 1.2], [0.0, -1.2]], dtype=dtype)
-    return GaussianMixture(means, torch.full((4,), 0.25, dtype=dtype)).to(dtype)  # .to: also the sampling anchor
-
-
-def bimodal_product(weight: float = 0.5, dtype: torch.dtype = torch.float64) -> GaussianMixture:
-    """``(w N(−1, 0.2) + (1−w) N(1, 0.2)) ⊗ (½ N(−1, 0.2) + ½ N(1, 0.2))``, a product density on ``R²``."""
-    means = torch.tensor([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]], dtype=dtype)
-    weights = torch.tensor([weight / 2, weight / 2, (1 - weight) / 2, (1 - weight) / 2], dtype=dtype)
-    return GaussianMixture(means, torch.full((4,), 0.2, dtype=dtype), weights).to(dtype)
-
-
-def relu_demo_flow(seed: int, layers: int = 3, source: Density | None = None) -> Flow:
-    """Random VdB ReLU Sylvester layers (``M = d = 2`` each) on ``source`` (default the 4-peak mixture)."""
-    torch.manual_seed(seed)
-    source = four_peak_mixture() if source is None else source
-    flow = Flow(source, [Sylvester(source.dim, activation="relu") for _ in range(layers)]).to(source.anchor.dtype)
-    with torch.no_grad():
-        for layer in flow.layers:
-            layer.b.normal_(0, 0.5)
-            layer.d1.normal_()
-            layer.d2.normal_()
-    return flow
-
-
-FORBIDDEN_PAIRS = {
-    "product": "N(0, I) → product of two bimodal marginals (a Gaussian's affine images are Gaussian)",
-    "mixture": "equal-weight 4-peak mixture → product with unequal weights 0.35/0.35/0.15/0.15 "
-    "(affine images keep the weights)",
-}
-
-
-def forbidden_pair(name: str) -> tuple[Density, Density]:
-    """``(q, p)`` on ``R²`` that no ReLU Sylvester flow maps exactly (see :data:`FORBIDDEN_PAIRS`)."""
-    if name == "product":
-        return StandardNormal(2).double(), bimodal_product()
-    if name == "mixture":
-        return four_peak_mixture(), bimodal_product(0.7)
-    raise ValueError(f"unknown pair {name!r}; expected one of: {', '.join(FORBIDDEN_PAIRS)}")
-
-
-def off_kink_points(flow: Flow, count: int, margin: float = 1e-6) -> Tensor:
-    """``count`` samples of the flow's source at distance ``> margin`` from every kink."""
-    z = flow.base.sample(2 * count)
-    _, distance = local_linear_map(flow, z)
-    z = z[distance > margin]
-    if z.shape[0] < count:
-        raise ValueError(f"only {z.shape[0]} of {2 * count} points lie off the kinks (margin {margin:g})")
-    return z[:count]
-
-
-@dataclass(frozen=True)
-class ImpossibilityRun:
-    """A ReLU Sylvester flow trained on a forbidden pair.
-
-    Attributes:
-        pair: Name in :data:`FORBIDDEN_PAIRS`.
-        layers: Number of layers.
-        seed: Seed.
-        steps: Training steps done at each checkpoint.
-        tv: MC estimate of ``TV(f#q, p)`` at each checkpoint.
-        residual_median: Median of ``‖Cᵀ∇log p(f(z)) − ∇log q(z)‖`` over off-kink points of ``q``.
-        residual_p90: Its 90th percentile.
-        exact_residual_max: The same residual for ``p := f#q`` (control, round-off).
-    """
-
-    pair: str
-    layers: int
-    seed: int
-    steps: list[int]
-    tv: list[Estimate]
-    residual_median: float
-    residual_p90: float
-    exact_residual_max: float
-
-
-def relu_impossibility(
-    pair: str,
-    layers: int,
-    seed: int,
-    steps: int = 2000,
-    checkpoints: int = 4,
-    lr: float = 1e-2,
-    batch: int = 512,
-    points: int = 1000,
-    samples: int = 100_000,
-    train_samples: int = 100_000,
-) -> ImpossibilityRun:
-    """Fit a ReLU Sylvester flow to a forbidden pair and report what training cannot remove.
-
-    Training is :func:`flowprobe.fit` by maximum likelihood (forward KL) on ``train_samples`` fixed
-    draws of ``p``, in ``checkpoints`` consecutive runs (each a fresh Adam with its own cosine decay,
-    i.e. warm restarts; chunk ``k`` uses seed ``checkpoints·seed + k``; no clipping, no validation
-    split), with ``TV(f#q, p)`` estimated after each. The restarts matter: on ``mixture`` (4 layers,
-    1500 steps) one cosine run stalls near TV 0.50 where three restarted chunks reach 0.24.
-    """
-    source, target = forbidden_pair(pair)
-    flow = relu_demo_flow(seed, layers, source)
-    data = target.sample(train_samples)
-    done, tvs = [], []
-    for k in range(checkpoints):
-        chunk = steps * (k + 1) // checkpoints - steps * k // checkpoints
-        if chunk:  # fewer steps than checkpoints: some chunks are empty
-            fit(flow, data=data, steps=chunk, lr=lr, batch_size=batch, clip=None, val_fraction=0.0, log_every=chunk,
-                seed=checkpoints * seed + k)
-        done.append(steps * (k + 1) // checkpoints)
-        tvs.append(monte_carlo_divergences(flow, target, samples)["tv"])
-    z = off_kink_points(flow, points)
-    residual = pointwise_residual(flow, z, target=target)
-    return ImpossibilityRun(
-        pair,
-        layers,
-        seed,
-        done,
-        tvs,
-        float(residual.median()),
-        float(residual.quantile(0.9)),
-        float(pointwise_residual(flow, z).max()),
-    )
-
-
-# -- figures ---------------------------------------------------------------------------------------
-
-
-def _grid(lim: float, size: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    axis = torch.linspace(-lim, lim, size, dtype=like.dtype, device=like.device)
-    gx, gy = torch.meshgrid(axis, axis, indexing="xy")
-    return gx, gy, torch.stack([gx.flatten(), gy.flatten()], -1)
-
-
-def _heat(ax: Axes, grid: tuple[Tensor, Tensor, Tensor], values: Tensor, title: str, var: str,
-          cmap: str = "viridis") -> None:
-    gx, gy, _ = grid
-    image = ax.pcolormesh(gx.numpy(), gy.numpy(), values.reshape(gx.shape).numpy(), cmap=cmap, shading="auto")
-    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_title(title)
-    ax.set_xlabel(f"${var}_1$")
-    ax.set_ylabel(f"${var}_2$")
-    ax.set_aspect("equal")
-
-
-def ridge_rows() -> list[tuple[str, Density, tuple[list[float], list[float], float]]]:
-    """The four ``(q, planar (u, w, b))`` rows of the blog's "q, p, L" figure (our choices, tanh)."""
-    def mixture(means: list[list[float]], var: float) -> GaussianMixture:
-        m = torch.tensor(means, dtype=torch.float64)
-        return GaussianMixture(m, torch.full((m.shape[0],), var, dtype=torch.float64)).double()
-
-    return [
-        ("unimodal q", StandardNormal(2).double(), ([2.4, 1.2], [1.6, 0.8], 0.0)),
-        ("four peaks", four_peak_mixture(), ([-0.4, 1.6], [0.5, 2.0], 0.3)),
-        ("three peaks", mixture([[-1.3, -0.8], [1.3, -0.8], [0.0, 1.3]], 0.3), ([2.0, 0.0], [2.0, 0.4], -0.5)),
-        ("two peaks", mixture([[-1.2, 0.6], [1.2, -0.6]], 0.35), ([-0.45, 0.45], [1.0, -1.0], 0.0)),
-    ]
-
-
-def ridge_figure(size: int = 121) -> Figure:
-    """Rows of ``(q, p = f#q, L)`` for one tanh planar layer (``M = 1``): ``L`` is a ridge function.
-
-    The arrow shows ``w``; the contour lines of ``L`` are straight lines orthogonal to it.
-    """
-    rows = ridge_rows()
-    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 3.9 * len(rows)), squeeze=False)
-    for (name, source, (u, w, b)), row in zip(rows, axes, strict=True):
-        layer = Planar(2, "tanh").double()
-        layer.set_constrained(torch.tensor(u), torch.tensor(w), b)
-        flow = Flow(source, [layer])
-        gz = _grid(3, size, source.anchor)
-        gx = _grid(4, size, source.anchor)
-        with torch.no_grad():
-            _heat(row[0], gz, source.log_prob(gz[2]).exp(), f"q: {name}", "z")
-            _heat(row[1], gx, flow.log_prob(gx[2]).exp(), "p = f#q", "x")
-        ratio = log_ratio(flow, gz[2]).detach()
-        _heat(row[2], gz, ratio, "L = log p(f(z)) − log q(z)", "z", cmap="magma")
-        row[2].contour(gz[0].numpy(), gz[1].numpy(), ratio.reshape(gz[0].shape).numpy(), 12, colors="white",
-                       linewidths=0.6)
-        direction = torch.tensor(w) / torch.tensor(w).norm()
-        row[2].annotate("", xy=tuple((2 * direction).tolist()), xytext=(0, 0),
-                        arrowprops={"arrowstyle": "->", "color": "cyan", "lw": 2})
-        row[2].text(*(2.1 * direction).tolist(), "w", color="cyan")
-    fig.suptitle("M = 1 (one tanh planar layer): L depends on z only through wᵀz — a ridge function")
-    fig.tight_layout()
-    return fig
-
-
-def modes_figure(seeds: Sequence[int] = (0, 1), size: int = 161) -> Figure:
-    """The blog's red-point figure: modes ``z*`` of ``q`` (red) and their images ``f(z*)`` under random
-    ReLU Sylvester flows, which are modes of ``p = f#q`` (white crosses: modes of ``p`` found by
-    ascent started near the images)."""
-    fig, axes = plt.subplots(len(seeds), 2, figsize=(9, 4 * len(seeds)), squeeze=False)
-    for seed, row in zip(seeds, axes, strict=True):
-        flow = relu_demo_flow(seed)
-        modes = find_modes(flow.base, flow.base.means)
-        with torch.no_grad():
-            images, _ = flow(modes)
-        found = find_modes(flow, images + 0.05)
-        gz, gx = _grid(3, size, modes), _grid(4, size, modes)
-        with torch.no_grad():
-            _heat(row[0], gz, flow.base.log_prob(gz[2]).exp(), f"q (seed {seed}): modes z*", "z")
-            _heat(row[1], gx, flow.log_prob(gx[2]).exp(), "p = f#q: images f(z*)", "x")
-        row[0].scatter(modes[:, 0], modes[:, 1], c="red", s=40, edgecolors="white")
-        row[1].scatter(images[:, 0], images[:, 1], c="red", s=40, edgecolors="white")
-        row[1].scatter(found[:, 0], found[:, 1], c="white", marker="x", s=60)
-    fig.suptitle("ReLU Sylvester flows (3 layers): modes of q map to modes of p")
-    fig.tight_layout()
-    return fig
