@@ -98,7 +98,13 @@ def failed_outcome(task: Task, error: str, started_at: str, since: float, pid: i
     """The outcome of a run whose worker died: no result, the error as seen by the driver."""
     host = HOST if pid is not None else None
     return _outcome(
-        task, status="failed", error=error, wall_s=time.perf_counter() - since, started_at=started_at, host=host, pid=pid
+        task,
+        status="failed",
+        error=error,
+        wall_s=time.perf_counter() - since,
+        started_at=started_at,
+        host=host,
+        pid=pid,
     )
 
 
