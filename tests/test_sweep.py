@@ -450,3 +450,18 @@ def test_concurrent_sweeps_on_one_store_run_each_key_once(tmp_path):
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT count(*) FROM claims").fetchone() == (0,)
+
+
+def test_a_script_without_main_guard_gets_a_clear_error(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from flowprobe.sweep import Sweep, run_sweep\n"
+        "sweep = Sweep('s', 'tests.sweep_fns:square', {'x': list(range(6))})\n"
+        f"run_sweep(sweep, {str(tmp_path / 's.sqlite')!r}, workers=2)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].startswith("ValueError: WorkerDied: worker process ")
+    assert "died before it was ready (exit code 1): a script that starts a sweep must guard it with" in done.stderr
+    assert Store(tmp_path / "s.sqlite", readonly=True).counts() == {"ok": 0, "failed": 0, "claimed": 0}

@@ -33,6 +33,7 @@ from flowprobe.sweep.store import HOST, utc_now
 __all__ = ["Executor", "InProcessExecutor", "LocalExecutor", "RayExecutor", "Task", "execute", "one_line"]
 
 _MESSAGE_CHARS = 2000
+_READY = "ready"
 
 
 @dataclass(frozen=True)
@@ -188,19 +189,14 @@ class InProcessExecutor:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:
-    """A local worker: execute tasks from the driver until it sends None or goes away."""
+    """A local worker: say it is ready, then execute tasks from the driver until it sends None or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        try:
+    try:
+        conn.send(_READY)
+        while (task := conn.recv()) is not None:
             conn.send(execute(task))
-        except OSError:  # the driver died: its run is lost, as runs in flight are
-            return
+    except (EOFError, OSError):  # the driver died: a run in flight is lost, as the driver's are
+        return
 
 
 class _Worker:
@@ -211,19 +207,18 @@ class _Worker:
         self.process = context.Process(target=_worker_main, args=(child,), name="flowprobe-sweep-worker")
         self.process.start()
         child.close()
+        self.ready = False
         self.task: Task | None = None
         self.started_at = ""
         self.since = 0.0
 
-    def death(self) -> str:
+    def death(self, before_ready: bool = False) -> str:
         """How the process ended, for the error of the run it had."""
         self.process.join(timeout=5)
         code = self.process.exitcode
-        if code is not None and code < 0:
-            how = f"killed by {signal.Signals(-code).name}"
-        else:
-            how = f"exit code {code}"
-        return f"WorkerDied: worker process {self.process.pid} died during the run ({how})"
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        when = "before it was ready" if before_ready else "during the run"
+        return f"WorkerDied: worker process {self.process.pid} died {when} ({how})"
 
     def stop(self, graceful: bool) -> None:
         if graceful:
@@ -269,7 +264,12 @@ class LocalExecutor:
         worker.conn.send(task)
 
     def wait(self, timeout: float) -> list[dict[str, Any]]:
-        """Outcomes from workers that answered or died."""
+        """Outcomes from workers that answered or died.
+
+        Raises:
+            ValueError: a worker died before it was ready (typically a script that starts a sweep without
+                an ``if __name__ == "__main__":`` guard, which every spawned worker re-runs).
+        """
         busy = [w for w in self._workers if w.task is not None]
         if not busy:
             return []
@@ -280,19 +280,34 @@ class LocalExecutor:
                 continue
             task = worker.task
             assert task is not None
-            outcome = None
-            if worker.conn.poll():
-                try:
-                    outcome = worker.conn.recv()
-                except (EOFError, OSError):
-                    outcome = None
+            outcome = self._receive(worker)
+            if outcome is None and worker.process.is_alive():  # it only said it is ready
+                continue
             if outcome is None:
+                if not worker.ready:
+                    raise ValueError(
+                        f"{worker.death(before_ready=True)}: a script that starts a sweep must guard it with "
+                        "'if __name__ == \"__main__\":' (spawned workers import the main module)"
+                    )
                 outcome = failed_outcome(task, worker.death(), worker.started_at, worker.since, worker.process.pid)
                 self._workers.remove(worker)
                 worker.stop(graceful=False)
             worker.task = None
             outcomes.append(outcome)
         return outcomes
+
+    @staticmethod
+    def _receive(worker: _Worker) -> dict[str, Any] | None:
+        """The worker's outcome if it sent one (noting its ready message on the way), else None."""
+        try:
+            while worker.conn.poll():
+                message = worker.conn.recv()
+                if message != _READY:
+                    return message
+                worker.ready = True
+        except (EOFError, OSError):  # it died
+            pass
+        return None
 
     def close(self) -> None:
         """Stop every worker: idle ones are asked to exit, busy ones terminated."""
