@@ -90,6 +90,9 @@ def test_keys_are_canonical_and_seeds_fixed_by_key():
         ({"grid": {"a": [1]}, "fn": "tests/sweep_fns.py"}, "'package.module:function'"),
         ({"grid": {"a": [1]}, "name": " "}, "non-empty name"),
         ({"grid": []}, "at least one grid"),
+        ({"grid": {"a": [1]}, "max_runs": 0}, "max_runs must be a positive int"),
+        ({"grid": {"a": [1]}, "seed": 1.5}, "seed must be an int"),
+        ({"grid": {"a": [1]}, "fixed": [("b", 1)]}, "fixed must be a mapping"),
     ],
 )
 def test_bad_sweeps_are_refused_up_front(kwargs, message):

@@ -359,7 +359,8 @@ class RayExecutor:
             try:
                 if address == "local":
                     env = {"env_vars": {"PYTHONPATH": _python_path()}}
-                    ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, runtime_env=env)
+                    cpus = workers or os.cpu_count()
+                    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env)
                 else:
                     ray.init(address=address)
             except Exception as err:  # Ray's own errors: connection refused, no cluster, bad address

@@ -163,6 +163,8 @@ class Sweep:
         check_fn(self.fn)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if isinstance(self.max_runs, bool) or not isinstance(self.max_runs, int) or self.max_runs < 1:
+            raise ValueError(f"max_runs must be a positive int, got {self.max_runs!r}")
         if not isinstance(self.fixed, Mapping):
             raise ValueError(f"fixed must be a mapping name -> value, got {type(self.fixed).__name__}")
         for name in self.fixed:
