@@ -52,7 +52,8 @@ def flaky(params):
 
 
 def sleepy(params):
-    time.sleep(params["sleep"])
+    """Sleeps SWEEP_SLEEP seconds (0 if unset): slow in a driver under test, instant when re-run in the test."""
+    time.sleep(float(os.environ.get("SWEEP_SLEEP", "0")))
     return {"pid": os.getpid()}
 
 
@@ -67,8 +68,8 @@ def list_result(params):
 def main(argv):
     from flowprobe.sweep import Sweep, run_sweep
 
-    store, name, fn, n, workers, sleep = argv
-    sweep = Sweep(name, f"tests.sweep_fns:{fn}", {"x": list(range(int(n)))}, fixed={"sleep": float(sleep)})
+    store, name, fn, n, workers = argv
+    sweep = Sweep(name, f"tests.sweep_fns:{fn}", {"x": list(range(int(n)))})
     summary = run_sweep(sweep, store, workers=int(workers), progress=False)
     print(json.dumps(asdict(summary)), flush=True)
 

@@ -32,9 +32,10 @@ RAY_REQUIRED = bool(os.environ.get("CI"))  # CI installs flowprobe[ray]: there t
 
 
 def _driver(store, name, fn, n, workers, sleep):
-    """A sweep in a separate Python process (tests/sweep_fns.py's main)."""
-    cmd = [sys.executable, "-m", "tests.sweep_fns", str(store), name, fn, str(n), str(workers), str(sleep)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """A sweep in a separate Python process (tests/sweep_fns.py's main), its runs of ``sleepy`` taking ``sleep`` s."""
+    cmd = [sys.executable, "-m", "tests.sweep_fns", str(store), name, fn, str(n), str(workers)]
+    env = dict(os.environ, SWEEP_SLEEP=str(sleep))
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _summary(process, timeout=120):
@@ -412,7 +413,7 @@ def test_ray_gives_the_rows_of_local_workers(local_store, tmp_path):
 
 def test_kill_9_loses_only_the_runs_in_flight(tmp_path):
     path = tmp_path / "s.sqlite"
-    driver = _driver(path, "sleepy", "sleepy", 10, 2, 0.4)
+    driver = _driver(path, "sleepy", "sleepy", 20, 2, 0.4)
     deadline = time.monotonic() + 90
     while True:  # read the store read-only while the driver writes it
         assert time.monotonic() < deadline, driver.stderr.read() if driver.poll() is not None else "too slow"
@@ -427,14 +428,11 @@ def test_kill_9_loses_only_the_runs_in_flight(tmp_path):
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     before = _rows(path)
-    assert 3 <= len(before) < 10
+    assert 3 <= len(before) < 20
     summary = run_sweep(
-        Sweep("sleepy", "tests.sweep_fns:sleepy", {"x": list(range(10))}, fixed={"sleep": 0.4}),
-        path,
-        workers=0,
-        progress=False,
+        Sweep("sleepy", "tests.sweep_fns:sleepy", {"x": list(range(20))}), path, workers=0, progress=False
     )
-    assert (summary.skipped, summary.ran, summary.ok) == (len(before), 10 - len(before), 10)
+    assert (summary.skipped, summary.ran, summary.ok) == (len(before), 20 - len(before), 20)
     after = {r["key"]: r for r in _rows(path)}
     assert all(after[r["key"]] == r for r in before)  # finished rows untouched
     assert all(r["attempts"] == 1 for r in after.values())
