@@ -1,6 +1,7 @@
 # flowprobe: `make demo` runs the main job, `make test` runs the test suite, `make bench` the
 # side-by-side benchmark against normflows and Pyro.
-# Both create .venv if missing and install the pinned CPU build of PyTorch before the package.
+# Both create .venv if missing and install the pinned CPU build of PyTorch before the package
+# (with its test, data and Ray extras: the sweep tests run on a local Ray instance).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[test,data]"
+	$(PY) -m pip install --quiet -e ".[test,data,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)
