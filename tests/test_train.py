@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 from flowprobe import fit
 from flowprobe.data import load_data
 from flowprobe.distributions import rezende_energy
+from flowprobe.io import load_weights, save_weights
 from flowprobe.metrics import log_partition, nll_per_dim, reverse_kl
 from flowprobe.spec import build_flow
-from flowprobe.train import FitConfig, load_weights, save_weights, split_data
+from flowprobe.train import FitConfig, split_data
 
 
 def _flow(spec="planar:4:tanh", seed=0):

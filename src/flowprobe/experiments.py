@@ -20,8 +20,9 @@ from torch import Tensor
 from flowprobe.data import TOY_SETS, load_data
 from flowprobe.distributions import Energy, load_energy
 from flowprobe.flow import Flow
+from flowprobe.io import sha256_file
 from flowprobe.metrics import gaussian_nll, kde_nll, log_partition, nll_per_dim, reverse_kl
-from flowprobe.plots import plot_density_comparison, plot_stages, plot_training_curve, save_figure
+from flowprobe.rundir import OutputDir, RunWriter
 from flowprobe.spec import build_flow
 from flowprobe.train import FitConfig, History, fit, split_data
 
@@ -29,10 +30,12 @@ __all__ = [
     "CONFINED_NOTE",
     "REZENDE_CAPTION",
     "Target",
+    "check_scorable",
     "rezende_table",
     "score",
     "table_markdown",
     "train_and_score",
+    "user_file",
     "write_figures",
 ]
 
@@ -57,6 +60,7 @@ class Target:
         energy: The energy (``kind == "energy"``).
         n: Number of points generated for toy sets (``None``: default).
         seed: Seed of the data generator.
+        sha256: SHA-256 of the user's file (data file or energy code), else ``None``.
     """
 
     kind: str
@@ -66,24 +70,35 @@ class Target:
     energy: Energy | None = None
     n: int | None = None
     seed: int = 0
+    sha256: str | None = None
     _log_z: float | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def load(cls, kind: str, name: str, n: int | None = None, seed: int = 0, dim: int = 2) -> Target:
-        """Load a target (``dim`` only matters for a user's energy file)."""
+        """Load a target (``dim`` only matters for a user's energy file).
+
+        A user's file (``.npy``/``.csv`` data, ``file.py:function`` energy) is recorded by its
+        absolute path and SHA-256, so a run can be evaluated from any directory and a changed file
+        is noticed.
+        """
+        file = user_file(name)
+        if file is not None:
+            suffix = "" if name.lower().endswith((".npy", ".csv")) else ":" + name.rpartition(":")[2]
+            name = str(file.resolve()) + suffix
         if kind == "data":
             data = load_data(name, n, seed)
-            if name.lower().endswith((".npy", ".csv")):
-                name = str(Path(name).resolve())  # a resumed run may start elsewhere
-            return cls("data", name, data.shape[1], data=data, n=n, seed=seed)
+            sha = sha256_file(file) if file is not None else None
+            return cls("data", name, data.shape[1], data=data, n=n, seed=seed, sha256=sha)
         if kind == "energy":
+            sha = sha256_file(file) if file is not None and file.is_file() else None
             energy = load_energy(name, dim)
-            return cls("energy", name, energy.dim, energy=energy, seed=seed)
+            return cls("energy", name, energy.dim, energy=energy, seed=seed, sha256=sha)
         raise ValueError(f"target kind must be 'data' or 'energy', got {kind!r}")
 
     def to_json(self) -> dict[str, Any]:
         """What :meth:`load` needs to rebuild the target."""
-        return {"kind": self.kind, "name": self.name, "n": self.n, "seed": self.seed, "dim": self.dim}
+        return {"kind": self.kind, "name": self.name, "n": self.n, "seed": self.seed, "dim": self.dim,
+                "sha256": self.sha256}
 
     @property
     def is_toy(self) -> bool:
@@ -110,16 +125,26 @@ class Target:
         return "validation split", val
 
 
-def write_figures(flow: Flow, target: Target, records: list[dict], out: Path) -> list[str]:
+def user_file(name: str) -> Path | None:
+    """The file of a target name that is the user's (``x.npy``, ``x.csv``, ``x.py:function``), else ``None``."""
+    if name.lower().endswith((".npy", ".csv")):
+        return Path(name)
+    path, sep, function = name.rpartition(":")
+    return Path(path) if sep and path.endswith(".py") and function else None
+
+
+def write_figures(flow: Flow, target: Target, records: list[dict], out: OutputDir) -> list[str]:
     """Write ``training.png`` and, for 2-D flows, ``density.png`` (target vs. flow density and samples)
     and ``stages.png`` (source → after layer k → output, next to the data) into ``out``."""
+    from flowprobe.plots import plot_density_comparison, plot_stages, plot_training_curve, save_figure
+
     log_z = target.log_z()
     offset, ylabel = (log_z, "KL(q‖p) estimate (nats)") if log_z is not None else (0.0, "loss")
     if target.kind == "data":
         ylabel = "NLL (nats/dim)"
     caption = f"\n{CONFINED_NOTE}" if target.name.lower() in ("u2", "u3", "u4") else ""
     curve = plot_training_curve(records, offset, ylabel, f"Training: {target.name}")
-    paths = [save_figure(curve, out / "training.png")]
+    paths = [save_figure(curve, out.claim("training.png"))]
     if flow.dim == 2:
         data = target.data
         if target.kind == "energy":
@@ -129,10 +154,33 @@ def write_figures(flow: Flow, target: Target, records: list[dict], out: Path) ->
         else:
             bound = float(data.abs().max()) * 1.05
             comparison = plot_density_comparison(flow, data=data, bound=bound, title=f"{target.name}: data vs. flow")
-        paths.append(save_figure(comparison, out / "density.png"))
+        paths.append(save_figure(comparison, out.claim("density.png")))
         stages = plot_stages(flow, data=data, title="Source → after layer k → output")
-        paths.append(save_figure(stages, out / "stages.png"))
+        paths.append(save_figure(stages, out.claim("stages.png")))
     return [str(p) for p in paths]
+
+
+def check_scorable(target: Target, config: FitConfig, samples: int = KL_SAMPLES) -> None:
+    """Refuse, before any training, what :func:`score` would refuse after it.
+
+    Raises:
+        ValueError: no held-out points, a training split of lower rank than the dimension (constant or
+            collinear columns, too few rows), or a non-positive number of Monte-Carlo samples.
+    """
+    if target.kind == "energy":
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"the number of KL samples must be a positive integer, got {samples!r}")
+        return
+    assert target.data is not None
+    train, _ = split_data(target.data, config.val_fraction, config.seed)
+    target.test_data(config.val_fraction, config.seed)
+    dim = train.shape[1]
+    cov = torch.atleast_2d(torch.cov(train.T.to(torch.float64))) if len(train) > 1 else torch.zeros(dim, dim)
+    rank = int(torch.linalg.matrix_rank(cov))
+    if rank < dim:
+        raise ValueError(f"the training split ({len(train)} rows) spans {rank} of {dim} dimensions (constant or "
+                         "collinear columns, or too few rows): no density on R^d fits it and the Gaussian/KDE "
+                         "references are undefined")
 
 
 def score(flow: Flow, target: Target, config: FitConfig, samples: int = KL_SAMPLES) -> dict[str, Any]:
@@ -168,14 +216,19 @@ def train_and_score(
     spec: str,
     target: Target,
     config: FitConfig,
-    out: Path | None = None,
+    out: Path | RunWriter | None = None,
     callback: Callable[[dict], None] | None = None,
     samples: int = KL_SAMPLES,
 ) -> tuple[Flow, History, dict[str, Any]]:
-    """Build ``spec`` (seeded with ``config.seed``), fit it to ``target`` and score it (``samples`` for KL)."""
+    """Build ``spec`` (seeded with ``config.seed``), fit it to ``target`` and score it (``samples`` for KL).
+
+    ``out``: a new run directory, or an open :class:`~flowprobe.rundir.RunWriter`.
+    """
+    check_scorable(target, config, samples)
     torch.manual_seed(config.seed)
     flow = build_flow(spec, target.dim)
-    meta = {"flow": spec, "dim": target.dim, "target": target.to_json()}
+    dtype = str(next(flow.parameters()).dtype).removeprefix("torch.")
+    meta = {"flow": spec, "dim": target.dim, "dtype": dtype, "target": target.to_json()}
     history = fit(flow, data=target.data, energy=target.energy, config=config, out=out, callback=callback, meta=meta)
     return flow, history, score(flow, target, config, samples)
 

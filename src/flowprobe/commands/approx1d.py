@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
-from flowprobe.plots import save_figure
+from flowprobe.rundir import OutputDir
 from flowprobe.theory.approx1d import (
     KNOT_RULES,
     TAIL_RULES,
@@ -28,18 +29,24 @@ def run_approx1d(args: argparse.Namespace) -> dict:
         raise ValueError(f"--mc-samples must be at least 2, got {args.mc_samples}")
     interval = tuple(args.interval) if args.interval else None
     results = []
-    figures = Path(args.figures) if args.figures else None
-    for n in args.layers:
-        built = construct(target, n, knots=args.knots, interval=interval, tail=args.tail,
-                          source=(args.source_loc, args.source_scale))
-        mc = built.tv_monte_carlo(args.mc_samples, seed=args.seed)
-        results.append({"layers": n, "tv": built.tv(), "tv_mc": mc.estimate, "tv_mc_ci": list(mc.ci),
-                        "aligned": built.aligned, "centre": built.centre})
-        if figures:
-            lo, hi = interval or target.interval or (float(built.knots[0]), float(built.knots[-1]))
-            save_figure(plot_approximation(built, lo, hi), figures / f"approx1d_n{n}.png")
-    if figures:
-        save_figure(plot_pieces(two_layer_example()), figures / "approx1d_two_layers.png")
+    with OutputDir(Path(args.figures), "approx1d") if args.figures else contextlib.nullcontext() as figures:
+        if figures is not None:
+            from flowprobe.plots import save_figure
+
+            names = [f"approx1d_n{n}.png" for n in args.layers] + ["approx1d_two_layers.png"]
+            for name in names:
+                figures.claim(name)
+        for n in args.layers:
+            built = construct(target, n, knots=args.knots, interval=interval, tail=args.tail,
+                              source=(args.source_loc, args.source_scale))
+            mc = built.tv_monte_carlo(args.mc_samples, seed=args.seed)
+            results.append({"layers": n, "tv": built.tv(), "tv_mc": mc.estimate, "tv_mc_ci": list(mc.ci),
+                            "aligned": built.aligned, "centre": built.centre})
+            if figures is not None:
+                lo, hi = interval or target.interval or (float(built.knots[0]), float(built.knots[-1]))
+                save_figure(plot_approximation(built, lo, hi), figures.claim(f"approx1d_n{n}.png"))
+        if figures is not None:
+            save_figure(plot_pieces(two_layer_example()), figures.claim("approx1d_two_layers.png"))
     slope = loglog_slope(args.layers, [r["tv"] for r in results]) if len(results) > 1 else None
     return {"target": target.name, "knots": args.knots, "tail": args.tail, "results": results, "slope": slope}
 

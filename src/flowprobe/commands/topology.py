@@ -24,7 +24,7 @@ from flowprobe.cli import CliError
 from flowprobe.distributions import StandardNormal
 from flowprobe.flow import Flow
 from flowprobe.layers import Planar, Sylvester
-from flowprobe.plots import save_figure
+from flowprobe.rundir import OutputDir
 from flowprobe.theory import topology as tp
 from flowprobe.userfile import load_user_object
 
@@ -232,9 +232,12 @@ def _relu(args: argparse.Namespace) -> int:
 
 
 def _figures(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    paths = [str(save_figure(tp.ridge_figure(args.grid), out / "topology_ridge.png")),
-             str(save_figure(tp.modes_figure(size=args.grid), out / "topology_modes.png"))]
+    from flowprobe.plots import save_figure
+
+    with OutputDir(Path(args.out), "topology figures") as out:
+        ridge, modes = out.claim("topology_ridge.png"), out.claim("topology_modes.png")
+        paths = [str(save_figure(tp.ridge_figure(args.grid), ridge)),
+                 str(save_figure(tp.modes_figure(size=args.grid), modes))]
     _emit(args, {"figures": paths}, [f"figure: {p}" for p in paths])
     return 0
 
