@@ -119,12 +119,13 @@ def test_item2_second_writer_refused_readers_work_kill_9_releases_the_lock(tmp_p
     out = tmp_path / "run"
     cmd, env = _cli("fit", "--flow", "planar:4:tanh", "--energy", "U1", "--out", str(out), "--steps", "100000",
                     "--checkpoint-every", "20", "--log-every", "10", "--no-plots")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "stderr.txt", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.time() + 120
         while not (out / "checkpoint.json").is_file() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
-        assert proc.poll() is None and (out / "checkpoint.json").is_file()
+        assert proc.poll() is None and (out / "checkpoint.json").is_file(), (tmp_path / "stderr.txt").read_text()
         # a second writer (another process) is refused, naming the holder
         assert main(["fit", "--flow", "planar:2:tanh", "--energy", "U1", "--out", str(out), "--overwrite",
                      *QUICK]) == 2
@@ -140,6 +141,7 @@ def test_item2_second_writer_refused_readers_work_kill_9_releases_the_lock(tmp_p
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        log.close()
     # the OS released the killed writer's lock: a new writer starts (and replaces the killed run)
     assert main(["fit", "--flow", "planar:2:tanh", "--energy", "U1", "--out", str(out), "--overwrite", *QUICK]) == 0
     assert fp.load_run(out)[1]["flow"] == "planar:2:tanh"

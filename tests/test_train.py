@@ -21,7 +21,7 @@ def _flow(spec="planar:4:tanh", seed=0):
 
 def test_reverse_kl_training_lowers_the_kl():
     energy = rezende_energy("U1")
-    log_z = log_partition(energy, 6.0, 601)
+    log_z = log_partition(energy).value
     flow = _flow("planar:8:tanh")
     before = reverse_kl(flow, energy, log_z, n=20_000)["kl"]
     history = fit(flow, energy=energy, steps=400, log_every=100)

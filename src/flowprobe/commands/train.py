@@ -136,8 +136,9 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
             f"  KDE       {metrics['nll_kde']:.4f}",
         ]
     kl = metrics.get("kl")
-    head = f"KL(q‖p) = {kl:.4f} ± {metrics['kl_stderr']:.4f} nats" if kl is not None else (
-        f"E_q[log q + U] = {metrics['kl_minus_log_z']:.4f} (no log Z outside 2-D)")
+    head = (f"KL(q‖p) = {kl:.4f} ± {metrics['kl_stderr']:.4f} nats (Monte-Carlo standard error; log Z = "
+            f"{metrics['log_z']:.6f} ± {metrics['log_z_error']:.1g} by quadrature)") if kl is not None else (
+        f"E_q[log q + U] = {metrics['kl_minus_log_z']:.4f} ± {metrics['kl_stderr']:.4f} (no log Z outside 2-D)")
     return [head, f"ESS of importance weights: {metrics['ess_fraction']:.3f} of the samples"]
 
 
