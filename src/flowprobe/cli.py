@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from flowprobe.layers.base import InverseNotAvailable
 
-__all__ = ["CliError", "main"]
+__all__ = ["CliError", "check_finite", "main"]
 
 # Modules that contribute sub-commands (each defines ``add_commands``).
 COMMAND_MODULES = (
@@ -29,7 +31,24 @@ class CliError(Exception):
     """A problem with the user's input, reported as one line with exit status 2."""
 
 
-USER_ERRORS = (CliError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError, InverseNotAvailable)
+def check_finite(result: Any, where: str = "result") -> None:
+    """Refuse to report a number that is NaN or infinite (a wrong number must not exit 0).
+
+    Raises:
+        CliError: naming the first such entry.
+    """
+    if isinstance(result, float) and not math.isfinite(result):
+        raise CliError(f"{where} is {result}: the computation failed numerically; nothing is reported")
+    if isinstance(result, dict):
+        for key, value in result.items():
+            check_finite(value, f"{where}.{key}" if where != "result" else str(key))
+    elif isinstance(result, list | tuple):
+        for i, value in enumerate(result):
+            check_finite(value, f"{where}[{i}]")
+
+
+USER_ERRORS = (CliError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError, InverseNotAvailable)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -130,7 +130,8 @@ class Target:
             return "fresh test set", fresh
         _, val = split_data(self.data, val_fraction, fit_seed)
         if val is None:
-            raise ValueError("no held-out points: this run used val_fraction 0 on a fixed data set")
+            raise ValueError(f"no held-out points: a validation share of {val_fraction} of {self.data.shape[0]} rows "
+                             "rounds to 0; give more rows or a larger --val-fraction")
         return "validation split", val
 
 

@@ -202,13 +202,28 @@ def nll_per_dim(flow: Flow, x: Tensor) -> float:
     """Mean negative log-likelihood of ``x`` under ``flow``, in nats per dimension.
 
     Evaluated in the flow's dtype (the inverses' Newton solves are much slower to converge to
-    float64 precision) and summed in float64.
+    float64 precision) and summed in float64; points whose ``log q`` is not finite there (values
+    beyond what float32 arithmetic can carry, e.g. ``|x| ≈ 1e30``) are evaluated again in float64.
+
+    Raises:
+        ValueError: ``log q`` is not finite at some points even in float64 (never NaN returned).
     """
     anchor = next(flow.parameters())
-    x = check_points(x, flow.dim, "x").to(device=anchor.device, dtype=anchor.dtype)
+    x = check_points(x, flow.dim, "x")
     with validation(False):
-        total = sum(float(flow.log_prob(chunk).double().sum()) for chunk in x.split(CHUNK))
-    return -total / (x.shape[0] * flow.dim)
+        log_q = torch.cat([flow.log_prob(chunk.to(device=anchor.device, dtype=anchor.dtype)).double()
+                           for chunk in x.split(CHUNK)])
+        bad = ~torch.isfinite(log_q)
+        if bool(bad.any()) and anchor.dtype != torch.float64:
+            again = _float64(flow).log_prob(x[bad.to(x.device)].to(device=anchor.device, dtype=torch.float64))
+            log_q[bad] = again
+            bad = ~torch.isfinite(log_q)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        kind = "NaN" if bool(torch.isnan(log_q).any()) else "infinite"
+        raise ValueError(f"log q is {kind} at {rows.numel()} of {x.shape[0]} points (first: row {int(rows[0])}, "
+                         f"max |x| = {float(x[rows[0]].abs().max()):.3g}); no NLL can be reported")
+    return -float(log_q.sum()) / (x.shape[0] * flow.dim)
 
 
 def gaussian_nll(train: Tensor, test: Tensor) -> float:

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ from flowprobe.distributions import Energy
 from flowprobe.flow import Flow
 from flowprobe.io import CorruptFileError, load_state
 from flowprobe.rundir import RunWriter, check_probe, new_run_id, probe_outputs
-from flowprobe.validation import check_points, validation
+from flowprobe.validation import check_memory, check_points, validation
 
 __all__ = [
     "FitConfig",
@@ -52,7 +51,6 @@ __all__ = [
 
 SCHEDULES = ("cosine", "constant")
 CHECKPOINT_FORMAT = 2
-MEMORY_SHARE = 0.8  # a training step may use this share of the memory available when it starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,17 +179,6 @@ def split_data(x: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tenso
 def _mean_nll(flow: Flow, x: Tensor) -> float:
     with torch.no_grad():
         return -float(flow.log_prob(x).mean()) / flow.dim
-
-
-def _available_memory(device: torch.device) -> int:
-    """Bytes a step may still allocate on ``device``."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -417,11 +404,7 @@ class _Loop:
         energy = self.energy
         assert energy is not None
         name = getattr(energy, "name", "energy")
-        try:
-            u = energy.energy(x)
-        except Exception as err:  # the user's function failed: one line, no traceback
-            raise ValueError(f"energy {name} failed on a batch of shape {tuple(x.shape)}: "
-                             f"{type(err).__name__}: {err}") from None
+        u = energy.energy(x)
         if not isinstance(u, Tensor) or u.shape != (x.shape[0],):
             shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
             raise ValueError(f"energy {name} returned {shape} for {x.shape[0]} points; expected shape ({x.shape[0]},)")
@@ -450,12 +433,8 @@ class _Loop:
             saved.append(total)
         per_point = max((saved[1] - saved[0]) / (sizes[1] - sizes[0]), 0.0)
         per_point += 2 * self.flow.dim * self.anchor.element_size()  # the batch and its gradient
-        need = 2 * per_point * self.config.batch_size
-        available = _available_memory(self.anchor.device)
-        if need > MEMORY_SHARE * available:
-            raise ValueError(f"batch_size {self.config.batch_size} needs about {need / 2**30:.3g} GiB for one training "
-                             f"step ({per_point:.0f} bytes per point), but {available / 2**30:.3g} GiB are available "
-                             f"on {self.anchor.device.type}; use a smaller batch size")
+        check_memory(2 * per_point * self.config.batch_size, f"a training step at batch_size {self.config.batch_size} "
+                     f"({per_point:.0f} bytes per point; use a smaller batch size)", self.anchor.device)
 
     def _record(self, grad_norm: float, started: float) -> bool:
         """Append a history record (and validate); returns whether to stop early."""

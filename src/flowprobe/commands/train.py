@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowprobe.cli import check_finite
 from flowprobe.experiments import (
     REZENDE_CAPTION,
     Target,
@@ -121,6 +122,7 @@ def _run_target(run: Path, config: dict[str, Any], args: argparse.Namespace) -> 
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> None:
+    check_finite(result)
     if args.json:
         print(json.dumps(result))
     else:
