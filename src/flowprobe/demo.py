@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from flowprobe.cli import add_parser
 from flowprobe.experiments import Target, train_and_score, write_figures
 from flowprobe.flow import Flow
 from flowprobe.io import write_json
@@ -103,7 +104,7 @@ def _command(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``demo``."""
-    p = sub.add_parser("demo", help="run the main job (train on U1 and on moons) and write figures")
+    p = add_parser(sub, "demo")
     p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=_command)

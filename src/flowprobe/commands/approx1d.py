@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from flowprobe.cli import check_finite
+from flowprobe.cli import add_parser, check_finite
 from flowprobe.rundir import OutputDir
 from flowprobe.spec import MAX_LAYERS
 from flowprobe.theory.approx1d import (
@@ -104,9 +104,9 @@ def _finite(text: str) -> float:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``approx1d``."""
-    p = sub.add_parser(
+    p = add_parser(
+        sub,
         "approx1d",
-        help="construct ReLU planar flows approximating a 1-D density, with exact TV",
         description="Kong & Chaudhuri (2020), result 1: push N(0,1) through n ReLU planar layers to a "
         "piecewise-Gaussian density close to TARGET; report the exact TV (quadrature) and a Monte-Carlo check.",
     )

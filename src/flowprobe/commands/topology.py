@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from flowprobe.cli import CliError, check_finite
+from flowprobe.cli import CliError, add_parser, check_finite
 from flowprobe.distributions import StandardNormal
 from flowprobe.flow import Flow
 from flowprobe.layers import Planar, Sylvester
@@ -281,7 +281,7 @@ def _figures(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``topology rank | gaussian | relu | figures``."""
-    parser = sub.add_parser("topology", help="topology matching: can a flow map q to p exactly, and why not")
+    parser = add_parser(sub, "topology")
     topo = parser.add_subparsers(dest="topology_command", required=True, metavar="SUBCOMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:

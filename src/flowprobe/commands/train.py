@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowprobe.cli import check_finite
+from flowprobe.cli import add_parser, check_finite
 from flowprobe.experiments import (
     REZENDE_CAPTION,
     Target,
@@ -367,7 +367,7 @@ def _finite(text: str) -> float:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``fit``, ``sample``, ``eval`` and ``plot``."""
     defaults = FitConfig()
-    p = sub.add_parser("fit", help="train a flow on data (maximum likelihood) or an energy (reverse KL)")
+    p = add_parser(sub, "fit")
     p.add_argument("--flow", help="flow spec, e.g. planar:32:tanh or sylvester:8:orthogonal:m=2+radial:4")
     p.add_argument("--data", help="toy set, scikit-learn set (digits, iris, wine, breast_cancer) or a .npy/.csv file")
     p.add_argument("--energy", help="U1..U4 (U2-U4 confined in z1) or path/to/file.py:function")
@@ -400,7 +400,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_fit_command)
 
     code = "a run's energy file: name it again (checked against its recorded SHA-256)"
-    p = sub.add_parser("sample", help="draw samples from a trained flow (the last checkpoint while it trains)")
+    p = add_parser(sub, "sample")
     p.add_argument("run", help="run directory")
     p.add_argument("-n", type=_positive_int, default=1000, help="number of samples")
     p.add_argument("--output", required=True, help="file to write (.npy or .csv)")
@@ -409,7 +409,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_sample_command)
 
-    p = sub.add_parser("eval", help="held-out NLL or KL(q‖p) and ESS of a trained flow")
+    p = add_parser(sub, "eval")
     p.add_argument("run", help="run directory")
     p.add_argument("--data", help="score this .npy/.csv file instead (NLL, nats/dim)")
     p.add_argument("--energy", metavar="FILE.py:NAME", help=code)
@@ -418,7 +418,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_eval_command)
 
-    p = sub.add_parser("plot", help="figures of a run directory, or 'rezende' for Rezende & Mohamed's Figure 3")
+    p = add_parser(sub, "plot")
     p.add_argument("run", help="run directory, or the word 'rezende'")
     p.add_argument("--out", help="where to write figures (default: the run directory; rezende-out for rezende)")
     p.add_argument("--energy", metavar="FILE.py:NAME", help=code)

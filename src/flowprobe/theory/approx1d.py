@@ -38,10 +38,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from scipy import optimize, special
 
 from flowprobe.distributions import DiagonalNormal, StandardNormal
@@ -49,6 +49,9 @@ from flowprobe.flow import Flow
 from flowprobe.layers.planar import DEFAULT_MIN_SLOPE, Planar
 from flowprobe.theory.targets1d import SCALE_RANGE, Target1D, parse_target
 from flowprobe.theory.tv import MonteCarloTV, tv_monte_carlo, tv_quadrature
+
+if TYPE_CHECKING:  # matplotlib is imported by the figure functions only (start-up time)
+    from matplotlib.figure import Figure
 
 __all__ = [
     "Construction",
