@@ -41,7 +41,7 @@ from inverse_cost import median_time
 
 import flowprobe as fp
 from flowprobe.distributions import rezende_energy
-from flowprobe.train import write_json
+from flowprobe.io import write_json
 
 U1 = rezende_energy("U1")
 LR = 1e-3

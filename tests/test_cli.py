@@ -29,11 +29,14 @@ def _run(*args, timeout=120):
 
 
 def _digest(directory):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(directory).iterdir())}
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def _check_every_file_parses(directory):
     for path in Path(directory).iterdir():
+        if path.name == ".flowprobe":
+            continue  # the lock and the record of what flowprobe wrote
         if path.name.startswith(".") and path.suffix == ".tmp":
             continue  # a temporary file being written when the process died; never read, removed on resume
         if path.suffix == ".json":

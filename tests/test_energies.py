@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from flowprobe.distributions import Confined, RezendeEnergy, load_energy, rezende_energy
-from flowprobe.metrics import log_partition
+from flowprobe import Flow, Planar
+from flowprobe.distributions import Confined, DiagonalNormal, RezendeEnergy, load_energy, rezende_energy
+from flowprobe.metrics import log_partition, reverse_kl
 
 
 def test_u1_matches_the_formula_at_a_point():
@@ -27,23 +28,44 @@ def test_u3_u4_match_the_formulas_at_a_point():
 
 
 def test_raw_u2_is_improper_and_confined_u2_is_proper():
-    raw = RezendeEnergy(2)
-    # the mass on [-L, L]^2 grows linearly with L: no normalising constant
-    grow = [log_partition(raw, bound, 30 * bound) for bound in (4, 8, 16)]
-    assert grow[1] - grow[0] == pytest.approx(math.log(2), abs=0.01)
-    assert grow[2] - grow[1] == pytest.approx(math.log(2), abs=0.01)
+    # the mass of the paper's U2 on [-L, L]^2 grows linearly with L: no normalising constant, refused
+    with pytest.raises(ValueError, match="energy U2 is not normalisable"):
+        log_partition(RezendeEnergy(2))
     proper = rezende_energy("U2")
     assert isinstance(proper, Confined)
     # exact value: ∫ exp(-½((z2-w1)/0.4)²) dz2 = 0.4√(2π) for every z1; in z1: 8 + 2·0.2·√(π/2)
     exact = math.log(0.4 * math.sqrt(2 * math.pi) * (8 + 2 * 0.2 * math.sqrt(math.pi / 2)))
-    assert log_partition(proper, 6.0, 601) == pytest.approx(exact, abs=1e-6)
-    assert log_partition(proper, 8.0, 801) == pytest.approx(exact, abs=1e-6)
+    result = log_partition(proper)
+    assert abs(result.value - exact) <= result.error <= 1e-6
+    assert abs(result.value - exact) < 1e-7
 
 
 @pytest.mark.parametrize("name", ["U1", "U3", "U4"])
 def test_log_z_converges_on_the_grid(name):
     energy = rezende_energy(name)
-    assert log_partition(energy, 6.0, 481) == pytest.approx(log_partition(energy, 7.0, 841), abs=1e-6)
+    result = log_partition(energy)
+    assert result.error <= 1e-6
+    wider = log_partition(energy, bound=1.5 * result.bound)
+    assert result.value == pytest.approx(wider.value, abs=result.error + wider.error)
+
+
+def test_log_z_of_user_energies_grows_its_domain_or_refuses(tmp_path):
+    """Issue 11 item 5: p = N(0, 10²I) had log Z = 4.85 on [−6, 6]² (exact 6.44) and KL(q‖p) = −1.59 for
+    q = p; U = −‖z‖² and U = 0 got finite KLs."""
+    path = tmp_path / "energies.py"
+    path.write_text("def wide(z):\n    return 0.5 * (z ** 2).sum(-1) / 100.0\n\n"
+                    "def negative(z):\n    return -(z ** 2).sum(-1)\n\ndef zero(z):\n    return 0.0 * z.sum(-1)\n")
+    energy = load_energy(f"{path}:wide")
+    wide = log_partition(energy)
+    assert abs(wide.value - math.log(2 * math.pi * 100)) <= wide.error <= 1e-6
+    assert wide.bound >= 48
+    layer = Planar(2)
+    layer.set_constrained(torch.zeros(2), torch.tensor([1.0, 0.0]), 0.0)  # the identity: q = p
+    q = Flow(DiagonalNormal(torch.zeros(2), torch.full((2,), 10.0)), [layer])
+    assert reverse_kl(q, energy, wide.value, n=2000)["kl"] == pytest.approx(0.0, abs=1e-6)
+    for name in ("negative", "zero"):
+        with pytest.raises(ValueError, match="is not normalisable as far as quadrature can tell"):
+            log_partition(load_energy(f"{path}:{name}"))
 
 
 def test_confinement_leaves_the_inside_alone():
@@ -57,7 +79,7 @@ def test_user_energy_file(tmp_path):
     path = tmp_path / "mine.py"
     path.write_text("def quadratic(z):\n    return 0.5 * (z ** 2).sum(-1)\n\ndef broken(z):\n    return z\n")
     energy = load_energy(f"{path}:quadratic")
-    assert log_partition(energy) == pytest.approx(math.log(2 * math.pi), abs=1e-8)
+    assert log_partition(energy).value == pytest.approx(math.log(2 * math.pi), abs=1e-8)
     with pytest.raises(ValueError, match="has no attribute 'missing'"):
         load_energy(f"{path}:missing")
     with pytest.raises(ValueError, match="must return a tensor of shape \\(N,\\)"):

@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 from flowprobe import fit
 from flowprobe.data import load_data
 from flowprobe.distributions import rezende_energy
+from flowprobe.io import load_weights, save_weights
 from flowprobe.metrics import log_partition, nll_per_dim, reverse_kl
 from flowprobe.spec import build_flow
-from flowprobe.train import FitConfig, load_weights, save_weights, split_data
+from flowprobe.train import FitConfig, split_data
 
 
 def _flow(spec="planar:4:tanh", seed=0):
@@ -20,7 +21,7 @@ def _flow(spec="planar:4:tanh", seed=0):
 
 def test_reverse_kl_training_lowers_the_kl():
     energy = rezende_energy("U1")
-    log_z = log_partition(energy, 6.0, 601)
+    log_z = log_partition(energy).value
     flow = _flow("planar:8:tanh")
     before = reverse_kl(flow, energy, log_z, n=20_000)["kl"]
     history = fit(flow, energy=energy, steps=400, log_every=100)

@@ -17,6 +17,7 @@ from flowprobe.layers import (
     Radial,
     Sylvester,
 )
+from flowprobe.rundir import load_run
 from flowprobe.spec import build_flow
 from flowprobe.train import fit
 from flowprobe.validation import set_validation, validation
@@ -41,6 +42,7 @@ __all__ = [
     "build_flow",
     "fit",
     "get_activation",
+    "load_run",
     "set_validation",
     "validation",
 ]

@@ -21,9 +21,12 @@ from typing import Any
 
 import torch
 
+from flowprobe.cli import add_parser
 from flowprobe.experiments import Target, train_and_score, write_figures
 from flowprobe.flow import Flow
-from flowprobe.train import FitConfig, write_json
+from flowprobe.io import write_json
+from flowprobe.rundir import OutputDir, RunWriter
+from flowprobe.train import FitConfig
 from flowprobe.validation import validation
 
 __all__ = ["add_commands", "exactness_checks", "run_demo"]
@@ -56,16 +59,24 @@ def exactness_checks(flow: Flow, bound: float = 8.0, points: int = 401) -> dict[
 
 
 def run_demo(out: Path, seed: int = 0) -> dict[str, Any]:
-    """Train both jobs, write figures into ``out/u1`` and ``out/moons`` and ``out/demo.json``."""
+    """Train both jobs, write figures into ``out/u1`` and ``out/moons`` and ``out/demo.json``.
+
+    A demo run replaces an earlier demo's runs (only once each new one has its first checkpoint);
+    files flowprobe did not write are never replaced.
+    """
     results: dict[str, Any] = {}
-    for directory, spec, kind, name, settings in JOBS:
-        target = Target.load(kind, name, n=4000 if kind == "data" else None, seed=seed)
-        config = FitConfig(seed=seed, log_every=50, **settings)
-        flow, history, metrics = train_and_score(spec, target, config, out=out / directory)
-        figures = write_figures(flow, target, history.records, out / directory)
-        results[directory] = {"flow": spec, "target": name, "steps": history.steps_done, "seconds": history.seconds,
-                              "metrics": metrics, "exactness": exactness_checks(flow), "figures": figures}
-    write_json(out / "demo.json", results)
+    with OutputDir(out, "demo") as top:
+        path = top.claim("demo.json")
+        for directory, spec, kind, name, settings in JOBS:
+            target = Target.load(kind, name, n=4000 if kind == "data" else None, seed=seed)
+            config = FitConfig(seed=seed, log_every=50, **settings)
+            with RunWriter(out / directory, "overwrite") as run:
+                flow, history, metrics = train_and_score(spec, target, config, out=run)
+                figures = write_figures(flow, target, history.records, run)
+            results[directory] = {"flow": spec, "target": name, "steps": history.steps_done,
+                                  "seconds": history.seconds, "metrics": metrics,
+                                  "exactness": exactness_checks(flow), "figures": figures}
+        write_json(path, results)
     return results
 
 
@@ -93,7 +104,7 @@ def _command(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``demo``."""
-    p = sub.add_parser("demo", help="run the main job (train on U1 and on moons) and write figures")
+    p = add_parser(sub, "demo")
     p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=_command)

@@ -279,14 +279,26 @@ class Confined(Energy):
 
 
 class FunctionEnergy(Energy):
-    """A user's function ``U(z)`` (tensor ``(N, dim)`` in, tensor ``(N,)`` out) as an :class:`Energy`."""
+    """A user's function ``U(z)`` (tensor ``(N, dim)`` in, tensor ``(N,)`` out) as an :class:`Energy`.
+
+    Every call is checked: a failure of the function or an output of another shape is a one-line
+    ``ValueError`` naming the batch shape (a function may work at ``N = 3`` and not at ``N = 1024``).
+    """
 
     def __init__(self, fn: Callable[[Tensor], Tensor], dim: int, name: str = "energy") -> None:
         super().__init__(dim, name)
         self.fn = fn
 
     def energy(self, z: Tensor) -> Tensor:
-        return self.fn(z)
+        try:
+            out = self.fn(z)
+        except Exception as err:  # the user's function failed: one line, no traceback
+            raise ValueError(f"energy {self.name} failed on a batch of shape {tuple(z.shape)}: "
+                             f"{type(err).__name__}: {err}") from None
+        if not isinstance(out, Tensor) or out.shape != (z.shape[0],):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"energy {self.name} must return a tensor of shape (N,), got {shape} for N={z.shape[0]}")
+        return out
 
 
 def rezende_energy(name: str) -> Energy:
@@ -318,13 +330,5 @@ def load_energy(spec: str, dim: int = 2) -> Energy:
     if not callable(fn):
         raise ValueError(f"energy {spec!r} is not a function")
     energy = FunctionEnergy(fn, dim, f"{path.name}:{function}")
-    probe = torch.zeros(3, dim)
-    try:
-        out = energy.energy(probe)
-    except Exception as err:
-        message = f"{type(err).__name__}: {err}"
-        raise ValueError(f"energy {path.name}:{function} failed on a (3, {dim}) tensor: {message}") from None
-    if not isinstance(out, Tensor) or out.shape != (3,):
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"energy {path.name}:{function} must return a tensor of shape (N,), got {shape} for N=3")
+    energy.energy(torch.zeros(3, dim))  # fails now rather than during training
     return energy

@@ -20,8 +20,9 @@ from torch import Tensor
 from flowprobe.data import TOY_SETS, load_data
 from flowprobe.distributions import Energy, load_energy
 from flowprobe.flow import Flow
-from flowprobe.metrics import gaussian_nll, kde_nll, log_partition, nll_per_dim, reverse_kl
-from flowprobe.plots import plot_density_comparison, plot_stages, plot_training_curve, save_figure
+from flowprobe.io import sha256_file
+from flowprobe.metrics import LogPartition, gaussian_nll, kde_nll, log_partition, nll_per_dim, reverse_kl
+from flowprobe.rundir import OutputDir, RunWriter
 from flowprobe.spec import build_flow
 from flowprobe.train import FitConfig, History, fit, split_data
 
@@ -29,10 +30,12 @@ __all__ = [
     "CONFINED_NOTE",
     "REZENDE_CAPTION",
     "Target",
+    "check_scorable",
     "rezende_table",
     "score",
     "table_markdown",
     "train_and_score",
+    "user_file",
     "write_figures",
 ]
 
@@ -41,7 +44,7 @@ TEST_SEED_OFFSET = 1_000_003
 CONFINED_NOTE = "confined: U + ½((|z1|−4)₊/0.2)², since the paper's U2–U4 are not normalisable"
 REZENDE_CAPTION = (
     f"U1 as in Rezende & Mohamed (2015); U2–U4 {CONFINED_NOTE}. "
-    "KL(q‖p) = E_q[log q + U] + log Z, log Z by quadrature on [−6, 6]²."
+    "KL(q‖p) = E_q[log q + U] + log Z, log Z by trapezoidal quadrature (error below 1e-6)."
 )
 
 
@@ -57,6 +60,7 @@ class Target:
         energy: The energy (``kind == "energy"``).
         n: Number of points generated for toy sets (``None``: default).
         seed: Seed of the data generator.
+        sha256: SHA-256 of the user's file (data file or energy code), else ``None``.
     """
 
     kind: str
@@ -66,37 +70,57 @@ class Target:
     energy: Energy | None = None
     n: int | None = None
     seed: int = 0
-    _log_z: float | None = dataclasses.field(default=None, repr=False)
+    sha256: str | None = None
+    _partition: LogPartition | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def load(cls, kind: str, name: str, n: int | None = None, seed: int = 0, dim: int = 2) -> Target:
-        """Load a target (``dim`` only matters for a user's energy file)."""
+        """Load a target (``dim`` only matters for a user's energy file).
+
+        A user's file (``.npy``/``.csv`` data, ``file.py:function`` energy) is recorded by its
+        absolute path and SHA-256, so a run can be evaluated from any directory and a changed file
+        is noticed.
+        """
+        file = user_file(name)
+        if file is not None:
+            suffix = "" if name.lower().endswith((".npy", ".csv")) else ":" + name.rpartition(":")[2]
+            name = str(file.resolve()) + suffix
         if kind == "data":
             data = load_data(name, n, seed)
-            if name.lower().endswith((".npy", ".csv")):
-                name = str(Path(name).resolve())  # a resumed run may start elsewhere
-            return cls("data", name, data.shape[1], data=data, n=n, seed=seed)
+            sha = sha256_file(file) if file is not None else None
+            return cls("data", name, data.shape[1], data=data, n=n, seed=seed, sha256=sha)
         if kind == "energy":
+            sha = sha256_file(file) if file is not None and file.is_file() else None
             energy = load_energy(name, dim)
-            return cls("energy", name, energy.dim, energy=energy, seed=seed)
+            return cls("energy", name, energy.dim, energy=energy, seed=seed, sha256=sha)
         raise ValueError(f"target kind must be 'data' or 'energy', got {kind!r}")
 
     def to_json(self) -> dict[str, Any]:
         """What :meth:`load` needs to rebuild the target."""
-        return {"kind": self.kind, "name": self.name, "n": self.n, "seed": self.seed, "dim": self.dim}
+        return {"kind": self.kind, "name": self.name, "n": self.n, "seed": self.seed, "dim": self.dim,
+                "sha256": self.sha256}
 
     @property
     def is_toy(self) -> bool:
         """Whether the data are generated in code (so fresh test points exist)."""
         return self.kind == "data" and self.name in TOY_SETS
 
-    def log_z(self) -> float | None:
-        """``log Z`` by grid quadrature for 2-D energies (computed once), else ``None``."""
+    def partition(self) -> LogPartition | None:
+        """``log Z`` with its error estimate for 2-D energies (computed once), else ``None``.
+
+        Raises:
+            ValueError: an energy whose mass does not converge (:func:`~flowprobe.metrics.log_partition`).
+        """
         if self.kind != "energy" or self.dim != 2:
             return None
-        if self._log_z is None:
-            self._log_z = log_partition(self.energy)  # type: ignore[arg-type]
-        return self._log_z
+        if self._partition is None:
+            self._partition = log_partition(self.energy)  # type: ignore[arg-type]
+        return self._partition
+
+    def log_z(self) -> float | None:
+        """``log Z`` of :meth:`partition`, else ``None``."""
+        partition = self.partition()
+        return None if partition is None else partition.value
 
     def test_data(self, val_fraction: float, fit_seed: int) -> tuple[str, Tensor]:
         """Held-out points: fresh samples for toy sets, else the validation split of the fit."""
@@ -106,20 +130,31 @@ class Target:
             return "fresh test set", fresh
         _, val = split_data(self.data, val_fraction, fit_seed)
         if val is None:
-            raise ValueError("no held-out points: this run used val_fraction 0 on a fixed data set")
+            raise ValueError(f"no held-out points: a validation share of {val_fraction} of {self.data.shape[0]} rows "
+                             "rounds to 0; give more rows or a larger --val-fraction")
         return "validation split", val
 
 
-def write_figures(flow: Flow, target: Target, records: list[dict], out: Path) -> list[str]:
+def user_file(name: str) -> Path | None:
+    """The file of a target name that is the user's (``x.npy``, ``x.csv``, ``x.py:function``), else ``None``."""
+    if name.lower().endswith((".npy", ".csv")):
+        return Path(name)
+    path, sep, function = name.rpartition(":")
+    return Path(path) if sep and path.endswith(".py") and function else None
+
+
+def write_figures(flow: Flow, target: Target, records: list[dict], out: OutputDir) -> list[str]:
     """Write ``training.png`` and, for 2-D flows, ``density.png`` (target vs. flow density and samples)
     and ``stages.png`` (source → after layer k → output, next to the data) into ``out``."""
+    from flowprobe.plots import plot_density_comparison, plot_stages, plot_training_curve, save_figure
+
     log_z = target.log_z()
     offset, ylabel = (log_z, "KL(q‖p) estimate (nats)") if log_z is not None else (0.0, "loss")
     if target.kind == "data":
         ylabel = "NLL (nats/dim)"
     caption = f"\n{CONFINED_NOTE}" if target.name.lower() in ("u2", "u3", "u4") else ""
     curve = plot_training_curve(records, offset, ylabel, f"Training: {target.name}")
-    paths = [save_figure(curve, out / "training.png")]
+    paths = [save_figure(curve, out.claim("training.png"))]
     if flow.dim == 2:
         data = target.data
         if target.kind == "energy":
@@ -129,10 +164,35 @@ def write_figures(flow: Flow, target: Target, records: list[dict], out: Path) ->
         else:
             bound = float(data.abs().max()) * 1.05
             comparison = plot_density_comparison(flow, data=data, bound=bound, title=f"{target.name}: data vs. flow")
-        paths.append(save_figure(comparison, out / "density.png"))
+        paths.append(save_figure(comparison, out.claim("density.png")))
         stages = plot_stages(flow, data=data, title="Source → after layer k → output")
-        paths.append(save_figure(stages, out / "stages.png"))
+        paths.append(save_figure(stages, out.claim("stages.png")))
     return [str(p) for p in paths]
+
+
+def check_scorable(target: Target, config: FitConfig, samples: int = KL_SAMPLES) -> None:
+    """Refuse, before any training, what :func:`score` would refuse after it.
+
+    Raises:
+        ValueError: no held-out points, a training split of lower rank than the dimension (constant or
+            collinear columns, too few rows), fewer than 2 Monte-Carlo samples, or an energy whose
+            ``log Z`` does not converge.
+    """
+    if target.kind == "energy":
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 2:
+            raise ValueError(f"the KL needs at least 2 samples, got {samples!r}")
+        target.partition()
+        return
+    assert target.data is not None
+    train, _ = split_data(target.data, config.val_fraction, config.seed)
+    target.test_data(config.val_fraction, config.seed)
+    dim = train.shape[1]
+    cov = torch.atleast_2d(torch.cov(train.T.to(torch.float64))) if len(train) > 1 else torch.zeros(dim, dim)
+    rank = int(torch.linalg.matrix_rank(cov))
+    if rank < dim:
+        raise ValueError(f"the training split ({len(train)} rows) spans {rank} of {dim} dimensions (constant or "
+                         "collinear columns, or too few rows): no density on R^d fits it and the Gaussian/KDE "
+                         "references are undefined")
 
 
 def score(flow: Flow, target: Target, config: FitConfig, samples: int = KL_SAMPLES) -> dict[str, Any]:
@@ -156,11 +216,12 @@ def score(flow: Flow, target: Target, config: FitConfig, samples: int = KL_SAMPL
             "unit": "nats/dim",
         }
     assert target.energy is not None
-    log_z = target.log_z()
-    result = reverse_kl(flow, target.energy, log_z if log_z is not None else 0.0, n=samples, seed=config.seed)
-    if log_z is None:
+    partition = target.partition()
+    log_z, error = (0.0, 0.0) if partition is None else (partition.value, partition.error)
+    result = reverse_kl(flow, target.energy, log_z, n=samples, seed=config.seed, log_z_error=error)
+    if partition is None:
         result["kl_minus_log_z"] = result.pop("kl")
-        result["log_z"] = None
+        result["log_z"] = result["log_z_error"] = None
     return result
 
 
@@ -168,14 +229,19 @@ def train_and_score(
     spec: str,
     target: Target,
     config: FitConfig,
-    out: Path | None = None,
+    out: Path | RunWriter | None = None,
     callback: Callable[[dict], None] | None = None,
     samples: int = KL_SAMPLES,
 ) -> tuple[Flow, History, dict[str, Any]]:
-    """Build ``spec`` (seeded with ``config.seed``), fit it to ``target`` and score it (``samples`` for KL)."""
+    """Build ``spec`` (seeded with ``config.seed``), fit it to ``target`` and score it (``samples`` for KL).
+
+    ``out``: a new run directory, or an open :class:`~flowprobe.rundir.RunWriter`.
+    """
+    check_scorable(target, config, samples)
     torch.manual_seed(config.seed)
     flow = build_flow(spec, target.dim)
-    meta = {"flow": spec, "dim": target.dim, "target": target.to_json()}
+    dtype = str(next(flow.parameters()).dtype).removeprefix("torch.")
+    meta = {"flow": spec, "dim": target.dim, "dtype": dtype, "target": target.to_json()}
     history = fit(flow, data=target.data, energy=target.energy, config=config, out=out, callback=callback, meta=meta)
     return flow, history, score(flow, target, config, samples)
 

@@ -11,48 +11,46 @@ clipping. Every random draw (mini-batch indices, source noise) comes from one ``
 that is checkpointed with the weights and Adam's moments, so ``fit(..., resume=True)`` continues a
 killed run exactly: same seed and same checkpoint boundaries give bit-identical final weights.
 
-Output directory layout (``out``): ``config.json`` (settings), ``history.jsonl`` (one JSON record
-per ``log_every`` steps), ``checkpoint.json`` + ``checkpoint-<step>.safetensors`` (the last
-checkpoint; the JSON is written last and names the tensor file, so the pair is always consistent), and
-``weights.safetensors`` (the final flow). Every file is written atomically (temporary file +
-``os.replace``); history lines are appended with one ``write`` each. Loading uses safetensors and
-JSON only, never pickle.
+Output directory (``out``, a :class:`~flowprobe.rundir.RunWriter`, locked for the whole call):
+``config.json`` (settings, flow spec, target, run id), ``history.jsonl`` (one JSON record per
+``log_every`` steps), ``checkpoint.json`` + ``checkpoint-<step>.safetensors`` (the last checkpoint:
+the JSON is written last, carries the SHA-256 of the tensor file and a checksum of itself, and
+records the configuration and the flow's outputs at fixed probe points, so a resume with another
+spec, other settings or a damaged file is refused) and ``weights.safetensors`` (the final flow).
+A new run is staged until its first checkpoint; an existing directory is refused unless the call
+resumes or overwrites it, and files flowprobe did not write are never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from flowprobe.distributions import Energy
 from flowprobe.flow import Flow
-from flowprobe.validation import check_points, validation
+from flowprobe.io import CorruptFileError, load_state
+from flowprobe.rundir import RunWriter, check_probe, new_run_id, probe_outputs
+from flowprobe.validation import check_memory, check_points, validation
 
 __all__ = [
     "FitConfig",
-    "atomic_write",
     "History",
     "fit",
-    "load_weights",
-    "read_json",
-    "save_weights",
     "split_data",
-    "write_json",
+    "split_indices",
 ]
 
 SCHEDULES = ("cosine", "constant")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +126,8 @@ class History:
         stopped_early: Whether early stopping ended the run.
         steps_done: Steps taken (less than ``steps`` after early stopping).
         seconds: Wall-clock time of this call.
+        train_index: Rows of ``data`` used for training (maximum likelihood), else ``None``.
+        val_index: Rows of ``data`` held out for validation, else ``None``.
     """
 
     records: list[dict[str, float]] = dataclasses.field(default_factory=list)
@@ -136,6 +136,8 @@ class History:
     stopped_early: bool = False
     steps_done: int = 0
     seconds: float = 0.0
+    train_index: Tensor | None = None
+    val_index: Tensor | None = None
 
     @property
     def final_loss(self) -> float:
@@ -143,140 +145,35 @@ class History:
         return self.records[-1]["loss"] if self.records else math.nan
 
     def summary(self) -> dict[str, Any]:
-        """Everything except the records, JSON-ready."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "records"} | {"final_loss": self.final_loss}
-
-
-# -- atomic files ---------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path`` (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically."""
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file; a missing or malformed file is a one-line ``ValueError``/``FileNotFoundError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-
-
-def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def _load_tensors(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file: {path}")
-    try:
-        return load_file(path)
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
-
-
-def save_weights(flow: Flow, path: str | Path) -> None:
-    """Write the flow's parameters and buffers to a safetensors file, atomically."""
-    _save_tensors(Path(path), dict(flow.state_dict()))
-
-
-def load_weights(flow: Flow, path: str | Path) -> Flow:
-    """Load weights written by :func:`save_weights` (safetensors: no code is ever unpickled).
-
-    Raises:
-        ValueError: the file does not match the flow's parameter names or shapes.
-    """
-    tensors = _load_tensors(Path(path))
-    own = flow.state_dict()
-    if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
-        raise ValueError(f"weights in {path} do not match the flow (different spec or dimension)")
-    flow.load_state_dict(tensors)
-    return flow
-
-
-# -- checkpoints ----------------------------------------------------------------------------------
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
-    return {f"optim.{i}.{key}": value for i, state in opt.state_dict()["state"].items() for key, value in state.items()}
-
-
-def _optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list) -> dict:
-    state: dict[int, dict[str, Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": groups}
-
-
-def _checkpoint_path(out: Path) -> Path:
-    return out / "checkpoint.json"
-
-
-def _save_checkpoint(out: Path, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    name = f"checkpoint-{state['step']:08d}.safetensors"
-    _save_tensors(out / name, tensors)
-    write_json(_checkpoint_path(out), state | {"tensors": name, "format": CHECKPOINT_FORMAT})
-    for old in out.glob("checkpoint-*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
-
-
-def _load_checkpoint(out: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    state = read_json(_checkpoint_path(out))
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "tensors" not in state:
-        raise ValueError(f"{_checkpoint_path(out)} is not a flowprobe checkpoint")
-    return state, _load_tensors(out / Path(state["tensors"]).name)
-
-
-def _append_line(path: Path, record: dict) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(record) + "\n").encode())  # one write: a killed run never leaves half a line
-    finally:
-        os.close(fd)
-
-
-def _truncate_history(path: Path, keep: int) -> list[dict]:
-    lines = path.read_text().splitlines()[:keep] if path.is_file() else []
-    records = [json.loads(line) for line in lines]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
-    return records
+        """Everything except the records and the split, JSON-ready."""
+        skip = ("records", "train_index", "val_index")
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        return fields | {"final_loss": self.final_loss}
 
 
 # -- data -----------------------------------------------------------------------------------------
 
 
-def split_data(x: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor | None]:
-    """Random ``(train, validation)`` split, reproducible from ``seed``; no validation if the share is 0."""
-    n_val = int(round(val_fraction * x.shape[0]))
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor | None]:
+    """Row indices ``(train, validation)`` of a random split of ``n`` rows, reproducible from ``seed``;
+    no validation rows if the share rounds to 0.
+
+    Raises:
+        ValueError: the split leaves no training rows.
+    """
+    n_val = int(round(val_fraction * n))
     if n_val == 0:
-        return x, None
-    if n_val >= x.shape[0]:
-        raise ValueError(f"validation split of {val_fraction} leaves no training points out of {x.shape[0]}")
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed)).to(x.device)
-    return x[perm[n_val:]], x[perm[:n_val]]
+        return torch.arange(n), None
+    if n_val >= n:
+        raise ValueError(f"validation split of {val_fraction} leaves no training points out of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:], perm[:n_val]
+
+
+def split_data(x: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor | None]:
+    """Random ``(train, validation)`` split of the rows of ``x`` (:func:`split_indices`)."""
+    train, val = split_indices(x.shape[0], val_fraction, seed)
+    return x[train.to(x.device)], (None if val is None else x[val.to(x.device)])
 
 
 def _mean_nll(flow: Flow, x: Tensor) -> float:
@@ -293,8 +190,9 @@ def fit(
     energy: Energy | None = None,
     config: FitConfig | None = None,
     *,
-    out: str | Path | None = None,
+    out: str | Path | RunWriter | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     callback: Callable[[dict[str, float]], None] | None = None,
     meta: dict[str, Any] | None = None,
     **settings: Any,
@@ -306,38 +204,64 @@ def fit(
         data: Training points ``(N, dim)`` (exclusive with ``energy``).
         energy: Target energy ``U`` with ``p ∝ exp(−U)`` (exclusive with ``data``).
         config: A :class:`FitConfig`; keyword ``settings`` (``steps=…``, ``lr=…``) override it.
-        out: Directory for ``config.json``, ``history.jsonl``, checkpoints and ``weights.safetensors``.
-        resume: Continue from the checkpoint in ``out`` (the settings must be those of the run).
+        out: Directory for ``config.json``, ``history.jsonl``, checkpoints and ``weights.safetensors``,
+            or an open :class:`~flowprobe.rundir.RunWriter` (its mode replaces ``resume``/``overwrite``).
+            A directory that is not empty is refused unless ``resume`` or ``overwrite``.
+        resume: Continue from the checkpoint in ``out`` (the settings and flow must be those of the run).
+        overwrite: Replace the run in ``out`` once this one has written its first checkpoint; files
+            flowprobe did not write are kept (and a file in the way of the run's own is refused).
         callback: Called with every history record (progress display).
-        meta: Extra JSON-ready facts stored in ``out/config.json`` (e.g. the flow spec and target).
+        meta: Extra JSON-ready facts stored in ``out/config.json`` next to the settings, the flow's
+            ``dim`` and ``dtype``: give ``{"flow": spec}`` (the spec string of
+            :func:`~flowprobe.build_flow`) so that :func:`~flowprobe.load_run` can rebuild the flow.
+            On resume they must equal the run's.
 
     Returns:
-        The :class:`History`. With a validation split, the flow ends with its best weights.
+        The :class:`History`, with the train/validation split used. With a validation split, the flow
+        ends with its best weights.
 
     Raises:
-        ValueError: bad inputs, a diverged loss, or a resume whose settings differ from the run's.
+        ValueError: bad inputs, a batch that cannot fit in memory, a diverged loss, or a resume whose
+            settings, flow or files differ from the run's (``CorruptFileError`` for damaged checkpoints).
+        DirectoryBusyError: another process is writing ``out``.
     """
     if (data is None) == (energy is None):
         raise ValueError("fit needs exactly one of data= (maximum likelihood) or energy= (reverse KL)")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
     config = dataclasses.replace(config or FitConfig(), **settings)
     if config.checkpoint_every is not None and out is None:
         raise ValueError("checkpoint_every needs an output directory (out=...)")
     if resume and out is None:
         raise ValueError("resume needs the output directory of the run (out=...)")
     anchor = next(flow.parameters())
-    train, val = None, None
+    train, val, index = None, None, (None, None)
     if data is not None:
         data = check_points(data, flow.dim, "data").to(device=anchor.device, dtype=anchor.dtype)
-        train, val = split_data(data, config.val_fraction, config.seed)
+        index = split_indices(data.shape[0], config.val_fraction, config.seed)
+        train = data[index[0].to(data.device)]
+        val = None if index[1] is None else data[index[1].to(data.device)]
     elif energy.dim != flow.dim:
         raise ValueError(f"energy has dim {energy.dim}, flow has dim {flow.dim}")
-    loop = _Loop(flow, config, train, val, energy, Path(out) if out is not None else None, callback)
-    if resume:
-        loop.restore()
-    elif loop.out is not None:
-        loop.start_files(meta or {})
+    if isinstance(out, RunWriter):
+        writer, owned = out, contextlib.nullcontext(out)
+    elif out is not None:
+        writer = RunWriter(out, "resume" if resume else "overwrite" if overwrite else "new")
+        owned = writer
+    else:
+        writer, owned = None, contextlib.nullcontext()
+    loop = _Loop(flow, config, train, val, energy, writer, callback)
     with validation(False):
-        return loop.run()
+        loop.check_memory()
+    with owned:
+        if writer is not None and writer.mode == "resume":
+            loop.restore(meta)
+        elif writer is not None:
+            loop.start_files(meta or {})
+        with validation(False):
+            history = loop.run()
+    history.train_index, history.val_index = index
+    return history
 
 
 class _Loop:
@@ -350,11 +274,11 @@ class _Loop:
         train: Tensor | None,
         val: Tensor | None,
         energy: Energy | None,
-        out: Path | None,
+        writer: RunWriter | None,
         callback: Callable[[dict[str, float]], None] | None,
     ) -> None:
         self.flow, self.config, self.train, self.val, self.energy = flow, config, train, val, energy
-        self.out, self.callback = out, callback
+        self.writer, self.callback = writer, callback
         anchor = next(flow.parameters())
         self.anchor = anchor
         self.params = [p for p in flow.parameters() if p.requires_grad]
@@ -365,32 +289,34 @@ class _Loop:
         self.interval_loss, self.interval_count = 0.0, 0
         self.best_state: dict[str, Tensor] | None = None
         self.bad_evals = 0
+        self.config_json: dict[str, Any] = {}
 
     # -- persistence --
     def _settings(self) -> dict[str, Any]:
         return {"objective": "nll" if self.energy is None else "reverse_kl", **dataclasses.asdict(self.config)}
 
     def start_files(self, meta: dict[str, Any]) -> None:
-        assert self.out is not None
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._remove_temporaries()
-        stale = [*self.out.glob("checkpoint-*.safetensors"), _checkpoint_path(self.out)]
-        for path in stale + [self.out / name for name in ("history.jsonl", "weights.safetensors", "results.json")]:
-            path.unlink(missing_ok=True)
-        write_json(self.out / "config.json", meta | {"fit": self._settings()})
+        assert self.writer is not None
+        dtype = str(self.anchor.dtype).removeprefix("torch.")
+        self.config_json = {"dim": self.flow.dim, "dtype": dtype} | meta | {"fit": self._settings(),
+                                                                           "run_id": new_run_id()}
+        self.writer.write_json("config.json", self.config_json)
 
     def checkpoint(self) -> None:
-        assert self.out is not None
+        assert self.writer is not None
         tensors = {f"flow.{k}": v for k, v in self.flow.state_dict().items()}
-        tensors |= _optimizer_tensors(self.opt)
+        tensors |= {f"optim.{i}.{key}": value for i, state in self.opt.state_dict()["state"].items()
+                    for key, value in state.items()}
         tensors["rng.generator"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
+        tensors["probe"] = probe_outputs(self.flow)
         if self.best_state is not None:
             tensors |= {f"best.{k}": v for k, v in self.best_state.items()}
         h = self.history
         state = {
+            "format": CHECKPOINT_FORMAT,
             "step": self.step,
-            "settings": self._settings(),
+            "config": self.config_json,
             "history_length": len(h.records),
             "best_step": h.best_step,
             "best_val_nll": h.best_val_nll,
@@ -398,52 +324,117 @@ class _Loop:
             "stopped_early": h.stopped_early,
             "interval_loss": self.interval_loss,
             "interval_count": self.interval_count,
-            "param_groups": self.opt.state_dict()["param_groups"],
         }
-        _save_checkpoint(self.out, state, tensors)
+        self.writer.save_checkpoint(state, tensors)
 
-    def _remove_temporaries(self) -> None:
-        """Delete temporary files a killed run may have left half-written (never read by anyone)."""
-        assert self.out is not None
-        for path in self.out.glob(".*.tmp"):
-            path.unlink(missing_ok=True)
+    def restore(self, meta: dict[str, Any] | None) -> None:
+        """Load the checkpoint after checking it belongs to this call: same configuration on disk and
+        in the checkpoint, same settings and ``meta``, same flow (probe outputs), intact files.
 
-    def restore(self) -> None:
-        assert self.out is not None
-        self._remove_temporaries()
-        state, tensors = _load_checkpoint(self.out)
-        if state["settings"] != self._settings():
-            raise ValueError(f"cannot resume {self.out}: its settings differ from this call's ({state['settings']})")
+        Raises:
+            CorruptFileError: "corrupt checkpoint …" (checksums, missing or ill-typed fields or tensors).
+            ValueError: the run differs from this call.
+        """
+        writer = self.writer
+        assert writer is not None
+        state, tensors = writer.load_checkpoint()
+        where = f"corrupt checkpoint in {writer.path}"
+        _check_state(state, self.config.steps, where)
+        recorded = state["config"]
+        on_disk = json.loads((writer.path / "config.json").read_text()) if (writer.path / "config.json").is_file() \
+            else None
+        if on_disk != recorded:
+            raise ValueError(f"{writer.path / 'config.json'} differs from the configuration its checkpoint recorded "
+                             f"({_first_difference(on_disk, recorded)}); restore it or start a new run")
+        if recorded.get("fit") != self._settings():
+            difference = _first_difference(self._settings(), recorded.get("fit"))
+            raise ValueError(f"cannot resume {writer.path}: its settings differ from this call's ({difference})")
+        for key, value in (meta or {}).items():
+            if recorded.get(key) != value:
+                raise ValueError(f"cannot resume {writer.path}: its {key} is {recorded.get(key)!r}, this call's "
+                                 f"is {value!r}")
+        self.config_json = recorded
         flow_tensors = {k.removeprefix("flow."): v for k, v in tensors.items() if k.startswith("flow.")}
+        load_state(self.flow, flow_tensors, f"checkpoint tensors in {writer.path}")
+        if "probe" not in tensors:
+            raise CorruptFileError(f"{where}: no probe outputs")
+        check_probe(self.flow, tensors["probe"], f"checkpoint tensors in {writer.path}")
+        self._restore_optimiser(tensors, where)
         try:
-            self.flow.load_state_dict(flow_tensors)
-        except RuntimeError:
-            raise ValueError(f"checkpoint in {self.out} does not match the flow (different spec?)") from None
-        self.opt.load_state_dict(_optimizer_state(self.opt, tensors, state["param_groups"]))
-        self.generator.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
+            self.generator.set_state(tensors["rng.generator"])
+            torch.set_rng_state(tensors["rng.torch"])
+        except (KeyError, RuntimeError, TypeError):
+            raise CorruptFileError(f"{where}: bad random-generator state") from None
         best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+        if best:
+            load_state(self.flow, best, f"best weights in the checkpoint of {writer.path}")  # checks them
+            load_state(self.flow, flow_tensors, f"checkpoint tensors in {writer.path}")
         self.best_state = best or None
         self.step = state["step"]
         self.bad_evals = state["bad_evals"]
         self.interval_loss, self.interval_count = state["interval_loss"], state["interval_count"]
-        self.history.records = _truncate_history(self.out / "history.jsonl", state["history_length"])
+        self.history.records = writer.truncate_history(state["history_length"])
         self.history.best_step, self.history.best_val_nll = state["best_step"], state["best_val_nll"]
         self.history.stopped_early = state["stopped_early"]
 
+    def _restore_optimiser(self, tensors: dict[str, Tensor], where: str) -> None:
+        state: dict[int, dict[str, Tensor]] = {}
+        for i, p in enumerate(self.params):
+            entry = {key: tensors.get(f"optim.{i}.{key}") for key in ("step", "exp_avg", "exp_avg_sq")}
+            missing = [k for k, v in entry.items() if v is None]
+            if missing or entry["exp_avg"].shape != p.shape or entry["exp_avg_sq"].shape != p.shape:
+                raise CorruptFileError(f"{where}: Adam state of parameter {i} is missing or has the wrong shape")
+            state[i] = entry  # type: ignore[assignment]
+        self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
+
     # -- training --
-    def loss(self) -> Tensor:
-        """Mini-batch loss: NLL per point, or ``log q + U`` per sample."""
-        n = self.config.batch_size
+    def loss(self, n: int, generator: torch.Generator) -> Tensor:
+        """Mini-batch loss of ``n`` points drawn with ``generator``: NLL per point, or ``log q + U``."""
         a = self.anchor
         if self.train is not None:
-            index = torch.randint(0, self.train.shape[0], (n,), generator=self.generator, device=a.device)
+            index = torch.randint(0, self.train.shape[0], (n,), generator=generator, device=a.device)
             return -self.flow.log_prob(self.train[index]).mean() / self.flow.dim
-        z = torch.randn(n, self.flow.dim, generator=self.generator, device=a.device, dtype=a.dtype)
+        z = torch.randn(n, self.flow.dim, generator=generator, device=a.device, dtype=a.dtype)
         x, logdet = self.flow(z)
         warm_up = self.config.anneal * self.config.steps
         beta = min(1.0, 0.01 + self.step / warm_up) if warm_up > 0 else 1.0
-        return (self.flow.base.log_prob(z) - logdet + beta * self.energy.energy(x)).mean()  # type: ignore[union-attr]
+        return (self.flow.base.log_prob(z) - logdet + beta * self._energy(x)).mean()
+
+    def _energy(self, x: Tensor) -> Tensor:
+        energy = self.energy
+        assert energy is not None
+        name = getattr(energy, "name", "energy")
+        u = energy.energy(x)
+        if not isinstance(u, Tensor) or u.shape != (x.shape[0],):
+            shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+            raise ValueError(f"energy {name} returned {shape} for {x.shape[0]} points; expected shape ({x.shape[0]},)")
+        return u
+
+    def check_memory(self) -> None:
+        """Refuse a batch size whose training step cannot fit in the memory available now.
+
+        The memory autograd keeps per point is measured on two small batches (saved-tensor hooks)
+        and scaled to ``batch_size``, with room for the same again in transients and gradients.
+
+        Raises:
+            ValueError: naming the estimate and what is available.
+        """
+        sizes, saved = (8, 40), []
+        for n in sizes:
+            total = 0
+
+            def pack(t: Tensor) -> Tensor:
+                nonlocal total
+                total += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                self.loss(n, torch.Generator(device=self.anchor.device).manual_seed(0))
+            saved.append(total)
+        per_point = max((saved[1] - saved[0]) / (sizes[1] - sizes[0]), 0.0)
+        per_point += 2 * self.flow.dim * self.anchor.element_size()  # the batch and its gradient
+        check_memory(2 * per_point * self.config.batch_size, f"a training step at batch_size {self.config.batch_size} "
+                     f"({per_point:.0f} bytes per point; use a smaller batch size)", self.anchor.device)
 
     def _record(self, grad_norm: float, started: float) -> bool:
         """Append a history record (and validate); returns whether to stop early."""
@@ -458,6 +449,9 @@ class _Loop:
         stop = False
         if self.val is not None:
             record["val_nll"] = _mean_nll(self.flow, self.val)
+            if not math.isfinite(record["val_nll"]):
+                raise ValueError(f"training diverged at step {self.step} (validation NLL {record['val_nll']}); "
+                                 "try a smaller lr")
             h = self.history
             if h.best_val_nll is None or record["val_nll"] < h.best_val_nll:
                 h.best_val_nll, h.best_step, self.bad_evals = record["val_nll"], self.step, 0
@@ -466,8 +460,8 @@ class _Loop:
                 self.bad_evals += 1
                 stop = self.config.patience is not None and self.bad_evals >= self.config.patience
         self.history.records.append(record)
-        if self.out is not None:
-            _append_line(self.out / "history.jsonl", record)
+        if self.writer is not None:
+            self.writer.append_history(record)
         if self.callback is not None:
             self.callback(record)
         return stop
@@ -479,12 +473,14 @@ class _Loop:
             for group in self.opt.param_groups:
                 group["lr"] = config.lr_at(self.step)
             self.opt.zero_grad(set_to_none=True)
-            loss = self.loss()
+            loss = self.loss(config.batch_size, self.generator)
             loss.backward()
             value = loss.item()
             if not math.isfinite(value):
                 raise ValueError(f"training diverged at step {self.step} (loss {value}); try a smaller lr")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.clip or math.inf))
+            if not math.isfinite(grad_norm):
+                raise ValueError(f"training diverged at step {self.step} (gradient norm {grad_norm}); try a smaller lr")
             self.opt.step()
             self.step += 1
             self.interval_loss += value
@@ -492,7 +488,7 @@ class _Loop:
             stop = self.step % config.log_every == 0 and self._record(grad_norm, started)
             if stop:
                 self.history.stopped_early = True
-            if self.out is not None and (stop or self.step == config.steps or (
+            if self.writer is not None and (stop or self.step == config.steps or (
                 config.checkpoint_every is not None and self.step % config.checkpoint_every == 0
             )):
                 self.checkpoint()
@@ -504,6 +500,39 @@ class _Loop:
             self.flow.load_state_dict(self.best_state)
         self.history.steps_done = self.step
         self.history.seconds = time.perf_counter() - started
-        if self.out is not None:
-            save_weights(self.flow, self.out / "weights.safetensors")
+        if self.writer is not None:
+            metadata = {"run_id": self.config_json["run_id"], "step": str(self.step),
+                        "probe": json.dumps(probe_outputs(self.flow).tolist())}
+            self.writer.save_weights(self.flow, metadata)
         return self.history
+
+
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "step": (int,), "config": (dict,), "history_length": (int,), "best_step": (int, type(None)),
+    "best_val_nll": (float, int, type(None)), "bad_evals": (int,), "stopped_early": (bool,),
+    "interval_loss": (float, int), "interval_count": (int,),
+}
+
+
+def _check_state(state: dict[str, Any], steps: int, where: str) -> None:
+    """Fields and ranges of ``checkpoint.json`` (its checksum was verified already)."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CorruptFileError(f"{where}: checkpoint format {state.get('format')!r}, this flowprobe reads "
+                          f"{CHECKPOINT_FORMAT}")
+    for key, types in _STATE_TYPES.items():
+        value = state.get(key)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise CorruptFileError(f"{where}: field {key!r} is missing or not {' or '.join(t.__name__ for t in types)}")
+    if not 1 <= state["step"] <= steps:
+        raise CorruptFileError(f"{where}: step {state['step']} lies outside [1, {steps}]")
+    if min(state["history_length"], state["bad_evals"], state["interval_count"]) < 0:
+        raise CorruptFileError(f"{where}: negative counters")
+
+
+def _first_difference(a: Any, b: Any) -> str:
+    """A short description of the first key where two JSON values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return f"{key}: {b.get(key)!r} in the run, {a.get(key)!r} now"
+    return f"{b!r} in the run, {a!r} now"

@@ -7,13 +7,26 @@ inside a training loop whose data were checked once.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_dtype", "check_points", "set_validation", "validation", "validation_enabled"]
+__all__ = [
+    "available_memory",
+    "check_dtype",
+    "check_memory",
+    "check_points",
+    "set_validation",
+    "validation",
+    "validation_enabled",
+]
+
+MEMORY_SHARE = 0.8  # a computation may use this share of the memory available when it starts
 
 _ENABLED = True
 
@@ -101,3 +114,26 @@ def check_dtype(x: Tensor, module: torch.nn.Module, name: str = "input") -> Tens
             f"convert the points (x.to(torch.{kind})) or the model (.to(torch.{str(x.dtype).removeprefix('torch.')}))"
         )
     return x
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes that can still be allocated on ``device`` (``MemAvailable`` on Linux for the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(need: float, what: str, device: torch.device | str = "cpu") -> None:
+    """Refuse a computation that needs more than :data:`MEMORY_SHARE` of the available memory.
+
+    Raises:
+        ValueError: naming ``what``, the estimate and what is available.
+    """
+    available = available_memory(device)
+    if need > MEMORY_SHARE * available:
+        raise ValueError(f"{what} needs about {need / 2**30:.3g} GiB, but {available / 2**30:.3g} GiB are available")

@@ -14,23 +14,29 @@ returning one); the file is imported on purpose — it is the user's own code.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flowprobe.cli import CliError
+from flowprobe.cli import CliError, add_parser, check_finite
 from flowprobe.distributions import StandardNormal
 from flowprobe.flow import Flow
 from flowprobe.layers import Planar, Sylvester
-from flowprobe.plots import save_figure
+from flowprobe.rundir import OutputDir
 from flowprobe.theory import topology as tp
 from flowprobe.theory import topology_experiments as tx
 from flowprobe.theory import topology_figures as tf
 from flowprobe.userfile import load_user_object
+from flowprobe.validation import check_memory
 
 __all__ = ["add_commands", "load_object"]
+
+MAX_DIM = 2048
+MAX_GRID = 2001
+POINT_BYTES = 64 * 8  # float64 values kept per point and dimension (points, gradients, Jacobian rows), generously
 
 
 def load_object(spec: str) -> Any:
@@ -41,8 +47,22 @@ def load_object(spec: str) -> Any:
     """
     obj = load_user_object(spec)
     if callable(obj) and not isinstance(obj, torch.nn.Module):
-        obj = obj()
+        if any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               for p in _parameters(obj)):
+            raise CliError(f"{spec} is a function with required arguments; expected an object or a function "
+                           "without arguments that returns one")
+        try:
+            obj = obj()
+        except Exception as err:  # the user's function failed: one line, no traceback
+            raise CliError(f"{spec} failed: {type(err).__name__}: {err}") from None
     return obj
+
+
+def _parameters(fn: Any) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: call it and see
+        return []
 
 
 def _flow(spec: str | None, default: Flow) -> Flow:
@@ -64,10 +84,23 @@ def _density(spec: str | None) -> Any:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _bounded(low: int, high: int, why: str) -> Any:
+    def parse(text: str) -> int:
+        value = _positive(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie in [{low}, {high}] ({why}), got {value}")
+        return value
+
+    return parse
 
 
 def _int_list(text: str) -> list[int]:
@@ -88,6 +121,7 @@ def _matrix(text: str) -> torch.Tensor:
 
 
 def _emit(args: argparse.Namespace, result: dict, lines: list[str]) -> None:
+    check_finite(result)
     print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
 
 
@@ -109,6 +143,7 @@ def _rank(args: argparse.Namespace) -> int:
     target, source = _density(args.target), _density(args.source)
     torch.manual_seed(args.seed)
     sampler = source if source is not None and hasattr(source, "sample") else flow.base
+    check_memory(POINT_BYTES * args.points * flow.dim, f"--points {args.points} in dimension {flow.dim}")
     report = tp.gradient_set(flow, sampler.sample(args.points), target, source)
     pair = "p = f#q (exact pair)" if target is None else f"p = {args.target}"
     verdict = (
@@ -165,6 +200,7 @@ def _gaussian(args: argparse.Namespace) -> int:
                   f"{'M':>4} {'TV floor':>10} {'KL floor':>10}"]
         lines += [f"{f['neurons']:>4} {f['tv_floor']:>10.5f} {f['kl_floor']:>10.5f}" for f in floors]
     if args.train:
+        check_memory(POINT_BYTES * args.samples * args.dim, f"--samples {args.samples} in dimension {args.dim}")
         torch.set_num_threads(1)
         runs = tx.isotropic_split_experiment(args.dim, args.scale, args.neurons, args.seeds, args.steps, args.layers,
                                              args.activation, samples=args.samples)
@@ -200,6 +236,7 @@ def _relu(args: argparse.Namespace) -> int:
         _emit(args, {**run.__dict__, "tv": [e.to_dict() for e in run.tv]}, lines)
         return 0
     flow = _flow(args.flow, tx.relu_demo_flow(args.seed))
+    check_memory(POINT_BYTES * args.points * flow.dim, f"--points {args.points} in dimension {flow.dim}")
     target = _density(args.target)
     torch.manual_seed(args.seed)
     z = tp.off_kink_points(flow, args.points)
@@ -236,16 +273,19 @@ def _relu(args: argparse.Namespace) -> int:
 
 
 def _figures(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    paths = [str(save_figure(tf.ridge_figure(args.grid), out / "topology_ridge.png")),
-             str(save_figure(tf.modes_figure(size=args.grid), out / "topology_modes.png"))]
+    from flowprobe.plots import save_figure
+
+    with OutputDir(Path(args.out), "topology figures") as out:
+        ridge, modes = out.claim("topology_ridge.png"), out.claim("topology_modes.png")
+        paths = [str(save_figure(tf.ridge_figure(args.grid), ridge)),
+                 str(save_figure(tf.modes_figure(size=args.grid), modes))]
     _emit(args, {"figures": paths}, [f"figure: {p}" for p in paths])
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``topology rank | gaussian | relu | figures``."""
-    parser = sub.add_parser("topology", help="topology matching: can a flow map q to p exactly, and why not")
+    parser = add_parser(sub, "topology")
     topo = parser.add_subparsers(dest="topology_command", required=True, metavar="SUBCOMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -262,7 +302,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rank.set_defaults(func=_rank)
 
     gauss = add("gaussian", "minimum neuron count for a Gaussian pair; isotropic floors and training")
-    gauss.add_argument("--dim", type=_positive, help="isotropic pair: q = N(0, I_dim) ...")
+    gauss.add_argument("--dim", type=_bounded(1, MAX_DIM, "dim × dim matrices are inverted"),
+                       help=f"isotropic pair: q = N(0, I_dim) (dim ≤ {MAX_DIM}) ...")
     gauss.add_argument("--scale", type=float, help="... and p = N(0, scale² I)")
     gauss.add_argument("--cov-q", type=_matrix, help="general pair: Σ_q as a JSON matrix")
     gauss.add_argument("--cov-p", type=_matrix, help="general pair: Σ_p as a JSON matrix")
@@ -287,5 +328,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     figs = add("figures", "write the ridge (M = 1) and red-point (ReLU modes) figures")
     figs.add_argument("--out", default="topology-out", help="output directory (default topology-out)")
-    figs.add_argument("--grid", type=_positive, default=161, help="grid points per axis (default 161)")
+    figs.add_argument("--grid", type=_bounded(3, MAX_GRID, "contour plots need a grid, memory"), default=161,
+                      help=f"grid points per axis, 3 to {MAX_GRID} (default 161)")
     figs.set_defaults(func=_figures)

@@ -38,17 +38,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from scipy import optimize, special
 
 from flowprobe.distributions import DiagonalNormal, StandardNormal
 from flowprobe.flow import Flow
 from flowprobe.layers.planar import DEFAULT_MIN_SLOPE, Planar
-from flowprobe.theory.targets1d import Target1D, parse_target
+from flowprobe.theory.targets1d import SCALE_RANGE, Target1D, parse_target
 from flowprobe.theory.tv import TVEstimate, tv_monte_carlo, tv_quadrature
+
+if TYPE_CHECKING:  # matplotlib is imported by the figure functions only (start-up time)
+    from matplotlib.figure import Figure
 
 __all__ = [
     "Construction",
@@ -66,6 +69,8 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 ALIGNMENT_DISTANCE = 38.0  # in source standard deviations; Φ(−38) ≈ 3e-316
 KNOT_RULES = ("optimal", "equispaced")
 TAIL_RULES = ("tv", "height")
+ROOT_TOLERANCES = {"xtol": 1e-300, "rtol": 1e-15, "maxiter": 4000}  # relative: targets of any scale in SCALE_RANGE
+MIN_LAYER_SLOPE = 1e-15  # a slope s below this makes u = s − 1 round to −1 (wᵀu = −1: not invertible)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,6 +269,9 @@ def knot_density(target: Target1D, rule: str, interval: tuple[float, float] | No
     u = u[first]
     keep = np.isfinite(x)
     x, u = x[keep], u[keep]
+    if x.size < 3:
+        raise ValueError(f"the quantiles of target {target.name!r} are not resolvable in float64 (they collapse to "
+                         f"{x.size} value(s)); move or scale the target nearer to 0")
     log_p = target.log_pdf(x)
     tau = special.ndtri(u)
     with np.errstate(all="ignore"):
@@ -305,7 +313,7 @@ def _cdf_crossing(target: Target1D, loc: float, scale: float) -> float | None:
     if k < exact.size:
         return float(x[exact[k]])
     i = brackets[k - exact.size]
-    return float(optimize.brentq(lambda t: float(gap(np.array(t))), x[i], x[i + 1], xtol=1e-15, rtol=1e-15))
+    return float(optimize.brentq(lambda t: float(gap(np.array(t))), x[i], x[i + 1], **ROOT_TOLERANCES))
 
 
 def _median(target: Target1D) -> float:
@@ -316,7 +324,7 @@ def _median(target: Target1D) -> float:
         lo -= 2 * (hi - lo)
     while target.cdf(np.array(hi)) < 0.5:
         hi += 2 * (hi - lo)
-    return float(optimize.brentq(lambda t: float(target.cdf(np.array(t))) - 0.5, lo, hi, xtol=1e-15, rtol=1e-15))
+    return float(optimize.brentq(lambda t: float(target.cdf(np.array(t))) - 0.5, lo, hi, **ROOT_TOLERANCES))
 
 
 def _tail_std(target: Target1D, knot: float, tau: float, side: int, rule: str, reference: float) -> float:
@@ -443,8 +451,10 @@ def construct(
     if tail not in TAIL_RULES:
         raise ValueError(f"unknown tail rule {tail!r}; expected one of {', '.join(TAIL_RULES)}")
     loc, scale = (float(v) for v in source)
-    if not scale > 0:
-        raise ValueError(f"source scale must be positive, got {scale}")
+    low, high = SCALE_RANGE
+    if not (low <= scale <= high and abs(loc) <= high and loc - ALIGNMENT_DISTANCE * scale != loc):
+        raise ValueError(f"the source N(μ0, σ0²) needs |μ0| ≤ {high:g} and {low:g} ≤ σ0 ≤ {high:g} with σ0 resolvable "
+                         f"next to μ0 in float64, got μ0 = {loc:g}, σ0 = {scale:g}")
     density = knot_density(target, knots, interval)
     centre = _cdf_crossing(target, loc, scale)
     aligned = centre is None
@@ -470,7 +480,11 @@ def construct(
     plan += [(c, s, -1) for c, s in zip(t[: i_c + 1][::-1], left[1:] / left[:-1], strict=True)]
     if aligned:
         plan.insert(0, (c_align, s_align, side))
-    min_slope = min(DEFAULT_MIN_SLOPE, 0.5 * min(s for _, s, _ in plan))
+    smallest = min(s for _, s, _ in plan)
+    if not smallest > MIN_LAYER_SLOPE:
+        raise ValueError(f"a layer would need slope {smallest:.3g}, below float64 resolution (the target is far "
+                         "narrower than the source); rescale the target or give a narrower --source-scale")
+    min_slope = min(DEFAULT_MIN_SLOPE, 0.5 * smallest)
     base = StandardNormal(1) if (loc, scale) == (0.0, 1.0) else DiagonalNormal(torch.tensor([loc]),
                                                                                 torch.tensor([scale]))
     flow = Flow(base.double(), [_relu_stack(plan, min_slope)])

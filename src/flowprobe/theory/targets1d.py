@@ -20,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import integrate, special, stats
+from scipy import special, stats
 
+from flowprobe.theory.quadrature import integrate_intervals
 from flowprobe.userfile import load_user_object
 
 __all__ = ["BUILTIN_TARGETS", "Target1D", "from_log_density", "from_scipy", "normal_mixture", "parse_target"]
@@ -122,29 +123,51 @@ def _tabulated_ppf(cdf: ArrayFn, lo: float, hi: float, points: int = 20001) -> A
     return lambda u: np.interp(u, values, grid[first])
 
 
-def from_log_density(log_density: Callable, name: str) -> Target1D:
-    """A target given by an unnormalised log-density; normaliser and CDF by adaptive quadrature.
+def _vectorised(log_density: Callable, name: str) -> ArrayFn:
+    """``log_density`` as a checked array function: called with whole arrays when it accepts them (one
+    call per array), one scalar at a time otherwise."""
+    scalar_only = False
 
-    The function is probed on a wide, centre-dense grid (``sinh``-spaced up to ``±5e12``) to find where
-    the mass lies; the CDF then integrates cell by cell (``scipy.integrate.quad``, relative tolerance
-    1e-13) between nodes placed there. Narrow spikes far from the probe points may be missed.
+    def call(x: np.ndarray) -> np.ndarray:
+        nonlocal scalar_only
+        if not scalar_only:
+            try:
+                out = np.asarray(log_density(x), dtype=float)
+                if out.shape == x.shape:
+                    return out
+            except Exception:  # noqa: BLE001 - a scalar-only function; tried one value at a time below
+                pass
+            scalar_only = True
+        return np.vectorize(lambda t: float(log_density(t)), otypes=[float])(x)
 
-    Raises:
-        ValueError: the function returns NaN or +inf, or has no mass.
-    """
     def log_f(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=float)
         try:
-            out = np.asarray(log_density(x), dtype=float)
-            if out.shape != x.shape:
-                raise ValueError
-        except (ValueError, TypeError):
-            out = np.vectorize(lambda t: float(log_density(t)), otypes=[float])(x)
+            out = call(x)
+        except Exception as err:  # the user's function failed: one line, no traceback
+            raise ValueError(f"log-density of target {name!r} failed: {type(err).__name__}: {err}") from None
         if np.isnan(out).any() or (out == np.inf).any():
             bad = x[np.isnan(out) | (out == np.inf)].ravel()[0]
             raise ValueError(f"log-density of target {name!r} returns NaN or +inf at x = {bad:g}")
         return out
 
+    return log_f
+
+
+def from_log_density(log_density: Callable, name: str) -> Target1D:
+    """A target given by an unnormalised log-density; normaliser and CDF by vectorised quadrature.
+
+    The function is probed on a wide, centre-dense grid (``sinh``-spaced up to ``±5e12``) to find where
+    the mass lies; cells between nodes placed there are integrated all at once by adaptive
+    Gauss–Legendre (:func:`~flowprobe.theory.quadrature.integrate_intervals`, absolute error 1e-15 of
+    the mass per cell), and the CDF at any points by the same rule from the cell edges. A NumPy
+    function is called with arrays, a few dozen times per CDF evaluation round. Narrow spikes far
+    from the probe points may be missed.
+
+    Raises:
+        ValueError: the function fails, returns NaN or +inf, has no mass, or its mass does not converge.
+    """
+    log_f = _vectorised(log_density, name)
     probe = np.sinh(np.linspace(-30.0, 30.0, 12001))
     log_probe = log_f(probe)
     top = log_probe.max()
@@ -155,14 +178,18 @@ def from_log_density(log_density: Callable, name: str) -> Target1D:
     nodes = np.unique(np.concatenate([np.linspace(lo, hi, 1001), probe[(probe > lo) & (probe < hi)]]))
     shift = top
 
-    def density(t: float) -> float:
-        return float(np.exp(log_f(np.array([t]))[0] - shift))
-
-    def cell(a: float, b: float) -> float:
-        return integrate.quad(density, a, b, epsabs=0.0, epsrel=1e-13, limit=200)[0]
+    def density(x: np.ndarray) -> np.ndarray:
+        return np.exp(log_f(x) - shift)
 
     edges = np.concatenate([[-np.inf], nodes, [np.inf]])
-    cells = np.array([cell(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)])
+    scale = (hi - lo) / 10
+    rough = float(np.trapezoid(np.exp(log_probe - shift), probe))
+    tol = 1e-15 * rough if np.isfinite(rough) and rough > 0 else 1e-300
+    try:
+        cells = integrate_intervals(density, edges[:-1], edges[1:], tol, scale)
+    except ValueError:
+        raise ValueError(f"target {name!r}: the mass of its density does not converge (not normalisable, "
+                         "or tails too heavy)") from None
     total = cells.sum()
     if not (np.isfinite(total) and total > 0):
         raise ValueError(f"target {name!r} has zero or infinite mass")
@@ -172,15 +199,13 @@ def from_log_density(log_density: Callable, name: str) -> Target1D:
 
     def partial(x: np.ndarray, from_left: bool) -> np.ndarray:
         x = np.asarray(x, dtype=float)
-        i = np.clip(np.searchsorted(nodes, x), 0, nodes.size)  # edge index of the cell start is i
-        out = np.empty(x.shape)
-        for idx in np.ndindex(x.shape):
-            k, t = i[idx], x[idx]
-            if from_left:
-                out[idx] = below[k] + cell(edges[k], t) / total
-            else:
-                out[idx] = above[k + 1] + cell(t, edges[k + 1]) / total
-        return np.clip(out, 0.0, 1.0)
+        flat = x.ravel()
+        i = np.clip(np.searchsorted(nodes, flat), 0, nodes.size)  # flat lies in (edges[i], edges[i + 1]]
+        if from_left:
+            out = below[i] + integrate_intervals(density, edges[i], flat, tol, scale) / total
+        else:
+            out = above[i + 1] + integrate_intervals(density, flat, edges[i + 1], tol, scale) / total
+        return np.clip(out, 0.0, 1.0).reshape(x.shape)
 
     return Target1D(
         name=name,
@@ -246,7 +271,25 @@ def _from_scipy_spec(spec: str) -> Target1D:
         raise ValueError(f"bad arguments for target {spec!r}: {err}") from None
     if not np.isfinite(frozen.logpdf(frozen.median())):
         raise ValueError(f"target {spec!r} has invalid parameters (density is not finite at its median)")
+    check_scale(spec, *(float(q) for q in frozen.ppf([0.25, 0.5, 0.75])))
     return from_scipy(frozen, spec)
+
+
+SCALE_RANGE = (1e-100, 1e100)
+"""Interquartile ranges and medians the construction handles (float64 quadrature and root finding)."""
+
+
+def check_scale(name: str, q1: float, median: float, q3: float) -> None:
+    """Refuse a density whose quartiles lie outside :data:`SCALE_RANGE` (or are not finite).
+
+    Raises:
+        ValueError: naming the quartiles and the range.
+    """
+    low, high = SCALE_RANGE
+    spread = q3 - q1
+    if not (np.isfinite(spread) and low <= spread <= high and abs(median) <= high):
+        raise ValueError(f"target {name!r} has quartiles {q1:.3g}, {median:.3g}, {q3:.3g}: its spread and centre must "
+                         f"lie within [{low:g}, {high:g}] for float64 quadrature; rescale it")
 
 
 def _from_file_spec(spec: str) -> Target1D:
