@@ -524,7 +524,8 @@ def _load_run_once(run: Path) -> tuple[Any, dict[str, Any]]:
 
     config = run_config(run)
     try:
-        flow = build_flow(config["flow"], config["dim"], DTYPES[config.get("dtype", "float32")])
+        flow = build_flow(config["flow"], config["dim"], DTYPES[config.get("dtype", "float32")],
+                          ensemble=tuple(config.get("ensemble", ())))
     except (ValueError, TypeError) as err:
         raise ValueError(f"{run / 'config.json'}: {err}") from None
     run_id = config.get("run_id")
@@ -539,7 +540,7 @@ def _load_run_once(run: Path) -> tuple[Any, dict[str, Any]]:
             raise _ChangingError("weights.safetensors and config.json belong to different runs")
         load_state(flow, tensors, f"weights in {weights}")
         if "probe" in metadata:
-            check_probe(flow, torch.tensor(json.loads(metadata["probe"])), f"weights in {weights}")
+            check_probe(flow, torch.tensor(json.loads(metadata["probe"]), dtype=torch.float64), f"weights in {weights}")
         return flow, config
     if not (run / "checkpoint.json").is_file():
         raise FileNotFoundError(f"{run} has no weights or checkpoint yet")

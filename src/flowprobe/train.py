@@ -28,7 +28,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,7 @@ class History:
         seconds: Wall-clock time of this call.
         train_index: Rows of ``data`` used for training (maximum likelihood), else ``None``.
         val_index: Rows of ``data`` held out for validation, else ``None``.
+        failed: Ensemble members only: why this member stopped training (a diverged loss), else ``None``.
     """
 
     records: list[dict[str, float]] = dataclasses.field(default_factory=list)
@@ -138,6 +139,7 @@ class History:
     seconds: float = 0.0
     train_index: Tensor | None = None
     val_index: Tensor | None = None
+    failed: str | None = None
 
     @property
     def final_loss(self) -> float:
@@ -195,9 +197,15 @@ def fit(
     overwrite: bool = False,
     callback: Callable[[dict[str, float]], None] | None = None,
     meta: dict[str, Any] | None = None,
+    seeds: Sequence[int] | None = None,
     **settings: Any,
-) -> History:
+) -> History | list[History]:
     """Train ``flow`` in place by maximum likelihood (``data``) or reverse KL (``energy``).
+
+    An ensemble flow (stacks built with ``ensemble=E``) trains its ``E`` members in the same ops,
+    each exactly as if it were trained alone with its own seed: its own validation split,
+    mini-batches and source noise, gradient clipping, early stopping and best weights, and a member
+    whose loss diverges stops alone (its :attr:`History.failed` says why).
 
     Args:
         flow: The flow to train (its parameters' device and dtype are used throughout).
@@ -210,19 +218,23 @@ def fit(
         resume: Continue from the checkpoint in ``out`` (the settings and flow must be those of the run).
         overwrite: Replace the run in ``out`` once this one has written its first checkpoint; files
             flowprobe did not write are kept (and a file in the way of the run's own is refused).
-        callback: Called with every history record (progress display).
+        callback: Called with every history record (progress display; ensembles add ``member``).
         meta: Extra JSON-ready facts stored in ``out/config.json`` next to the settings, the flow's
             ``dim`` and ``dtype``: give ``{"flow": spec}`` (the spec string of
             :func:`~flowprobe.build_flow`) so that :func:`~flowprobe.load_run` can rebuild the flow.
             On resume they must equal the run's.
+        seeds: Ensembles only: one seed per member (flattened ensemble order); default
+            ``config.seed + i`` for member ``i``. Member ``i`` then equals ``fit(flow.member(i),
+            seed=seeds[i])``.
 
     Returns:
-        The :class:`History`, with the train/validation split used. With a validation split, the flow
-        ends with its best weights.
+        The :class:`History` (a list of them, one per member, for an ensemble), with the
+        train/validation split used. With a validation split, the flow ends with its best weights.
 
     Raises:
-        ValueError: bad inputs, a batch that cannot fit in memory, a diverged loss, or a resume whose
-            settings, flow or files differ from the run's (``CorruptFileError`` for damaged checkpoints).
+        ValueError: bad inputs, a batch that cannot fit in memory, a diverged loss (every member's, for
+            an ensemble), or a resume whose settings, flow or files differ from the run's
+            (``CorruptFileError`` for damaged checkpoints).
         DirectoryBusyError: another process is writing ``out``.
     """
     if (data is None) == (energy is None):
@@ -234,13 +246,14 @@ def fit(
         raise ValueError("checkpoint_every needs an output directory (out=...)")
     if resume and out is None:
         raise ValueError("resume needs the output directory of the run (out=...)")
+    seeds = _member_seeds(flow, config, seeds)
     anchor = next(flow.parameters())
-    train, val, index = None, None, (None, None)
+    train, val, splits = None, None, [(None, None)] * len(seeds)
     if data is not None:
         data = check_points(data, flow.dim, "data").to(device=anchor.device, dtype=anchor.dtype)
-        index = split_indices(data.shape[0], config.val_fraction, config.seed)
-        train = data[index[0].to(data.device)]
-        val = None if index[1] is None else data[index[1].to(data.device)]
+        splits = [split_indices(data.shape[0], config.val_fraction, seed) for seed in seeds]
+        train = torch.stack([data[index.to(data.device)] for index, _ in splits])
+        val = None if splits[0][1] is None else torch.stack([data[index.to(data.device)] for _, index in splits])
     elif energy.dim != flow.dim:
         raise ValueError(f"energy has dim {energy.dim}, flow has dim {flow.dim}")
     if isinstance(out, RunWriter):
@@ -250,7 +263,7 @@ def fit(
         owned = writer
     else:
         writer, owned = None, contextlib.nullcontext()
-    loop = _Loop(flow, config, train, val, energy, writer, callback)
+    loop = _Loop(flow, config, train, val, energy, writer, callback, seeds)
     with validation(False):
         loop.check_memory()
     with owned:
@@ -259,13 +272,36 @@ def fit(
         elif writer is not None:
             loop.start_files(meta or {})
         with validation(False):
-            history = loop.run()
-    history.train_index, history.val_index = index
-    return history
+            histories = loop.run()
+    for history, (train_index, val_index) in zip(histories, splits, strict=True):
+        history.train_index, history.val_index = train_index, val_index
+    return histories if flow.ensemble_shape else histories[0]
+
+
+def _member_seeds(flow: Flow, config: FitConfig, seeds: Sequence[int] | None) -> list[int]:
+    """One seed per ensemble member (``[config.seed]`` for a flow without ensemble); checks that every
+    trainable parameter belongs to the ensemble, so that members cannot influence each other."""
+    members = math.prod(flow.ensemble_shape)
+    if not flow.ensemble_shape:
+        if seeds is not None:
+            raise ValueError("seeds= is for ensembles (one per member); give seed= for a single flow")
+        return [config.seed]
+    shared = [name for name, p in flow.named_parameters() if p.requires_grad
+              and tuple(p.shape[: len(flow.ensemble_shape)]) != flow.ensemble_shape]
+    shared += [f"stacks.{i}" for i, s in enumerate(flow.stacks) if not s.ensemble_shape and any(
+        p.requires_grad for p in s.parameters())]
+    if shared:
+        raise ValueError(f"an ensemble trains per-member parameters only; {shared[0]} is shared by every member")
+    seeds = [config.seed + i for i in range(members)] if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != members:
+        raise ValueError(f"seeds must give one seed per ensemble member ({members}), got {len(seeds)}")
+    return seeds
 
 
 class _Loop:
-    """State of one training run; ``run`` advances it, ``checkpoint``/``restore`` persist it."""
+    """State of one training run of ``M ≥ 1`` ensemble members (``M = 1`` for a plain flow); ``run``
+    advances it, ``checkpoint``/``restore`` persist it. Everything random or stateful is per member:
+    generators, data splits, interval losses, validation, best weights, early stopping."""
 
     def __init__(
         self,
@@ -276,20 +312,27 @@ class _Loop:
         energy: Energy | None,
         writer: RunWriter | None,
         callback: Callable[[dict[str, float]], None] | None,
+        seeds: list[int],
     ) -> None:
         self.flow, self.config, self.train, self.val, self.energy = flow, config, train, val, energy
-        self.writer, self.callback = writer, callback
+        self.writer, self.callback, self.seeds = writer, callback, seeds
+        self.members = len(seeds)
         anchor = next(flow.parameters())
         self.anchor = anchor
         self.params = [p for p in flow.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=config.lr, foreach=True)
-        self.generator = torch.Generator(device=anchor.device).manual_seed(config.seed)
-        self.history = History()
+        self.generators = [torch.Generator(device=anchor.device).manual_seed(seed) for seed in seeds]
+        self.histories = [History() for _ in seeds]
         self.step = 0
-        self.interval_loss, self.interval_count = 0.0, 0
+        self.interval_loss, self.interval_count = [0.0] * self.members, 0
         self.best_state: dict[str, Tensor] | None = None
-        self.bad_evals = 0
+        self.bad_evals = [0] * self.members
         self.config_json: dict[str, Any] = {}
+
+    @property
+    def active(self) -> list[bool]:
+        """Members still training (not stopped early, not failed)."""
+        return [not (h.stopped_early or h.failed) for h in self.histories]
 
     # -- persistence --
     def _settings(self) -> dict[str, Any]:
@@ -298,8 +341,9 @@ class _Loop:
     def start_files(self, meta: dict[str, Any]) -> None:
         assert self.writer is not None
         dtype = str(self.anchor.dtype).removeprefix("torch.")
-        self.config_json = {"dim": self.flow.dim, "dtype": dtype} | meta | {"fit": self._settings(),
-                                                                           "run_id": new_run_id()}
+        ensemble = {"ensemble": list(self.flow.ensemble_shape), "seeds": self.seeds} if self.flow.ensemble_shape else {}
+        self.config_json = {"dim": self.flow.dim, "dtype": dtype} | ensemble | meta | {
+            "fit": self._settings(), "run_id": new_run_id()}
         self.writer.write_json("config.json", self.config_json)
 
     def checkpoint(self) -> None:
@@ -307,21 +351,22 @@ class _Loop:
         tensors = {f"flow.{k}": v for k, v in self.flow.state_dict().items()}
         tensors |= {f"optim.{i}.{key}": value for i, state in self.opt.state_dict()["state"].items()
                     for key, value in state.items()}
-        tensors["rng.generator"] = self.generator.get_state()
+        tensors |= {f"rng.generator.{m}": g.get_state() for m, g in enumerate(self.generators)}
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["probe"] = probe_outputs(self.flow)
         if self.best_state is not None:
             tensors |= {f"best.{k}": v for k, v in self.best_state.items()}
-        h = self.history
+        hs = self.histories
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "config": self.config_json,
-            "history_length": len(h.records),
-            "best_step": h.best_step,
-            "best_val_nll": h.best_val_nll,
+            "history_length": sum(len(h.records) for h in hs),
+            "best_step": [h.best_step for h in hs],
+            "best_val_nll": [h.best_val_nll for h in hs],
             "bad_evals": self.bad_evals,
-            "stopped_early": h.stopped_early,
+            "stopped_early": [h.stopped_early for h in hs],
+            "failed": [h.failed for h in hs],
             "interval_loss": self.interval_loss,
             "interval_count": self.interval_count,
         }
@@ -339,7 +384,7 @@ class _Loop:
         assert writer is not None
         state, tensors = writer.load_checkpoint()
         where = f"corrupt checkpoint in {writer.path}"
-        _check_state(state, self.config.steps, where)
+        _check_state(state, self.config.steps, self.members, where)
         recorded = state["config"]
         on_disk = json.loads((writer.path / "config.json").read_text()) if (writer.path / "config.json").is_file() \
             else None
@@ -349,6 +394,9 @@ class _Loop:
         if recorded.get("fit") != self._settings():
             difference = _first_difference(self._settings(), recorded.get("fit"))
             raise ValueError(f"cannot resume {writer.path}: its settings differ from this call's ({difference})")
+        if self.flow.ensemble_shape and recorded.get("seeds") != self.seeds:
+            raise ValueError(f"cannot resume {writer.path}: its member seeds are {recorded.get('seeds')}, this "
+                             f"call's are {self.seeds}")
         for key, value in (meta or {}).items():
             if recorded.get(key) != value:
                 raise ValueError(f"cannot resume {writer.path}: its {key} is {recorded.get(key)!r}, this call's "
@@ -361,7 +409,8 @@ class _Loop:
         check_probe(self.flow, tensors["probe"], f"checkpoint tensors in {writer.path}")
         self._restore_optimiser(tensors, where)
         try:
-            self.generator.set_state(tensors["rng.generator"])
+            for m, generator in enumerate(self.generators):
+                generator.set_state(tensors[f"rng.generator.{m}"])
             torch.set_rng_state(tensors["rng.torch"])
         except (KeyError, RuntimeError, TypeError):
             raise CorruptFileError(f"{where}: bad random-generator state") from None
@@ -371,11 +420,13 @@ class _Loop:
             load_state(self.flow, flow_tensors, f"checkpoint tensors in {writer.path}")
         self.best_state = best or None
         self.step = state["step"]
-        self.bad_evals = state["bad_evals"]
-        self.interval_loss, self.interval_count = state["interval_loss"], state["interval_count"]
-        self.history.records = writer.truncate_history(state["history_length"])
-        self.history.best_step, self.history.best_val_nll = state["best_step"], state["best_val_nll"]
-        self.history.stopped_early = state["stopped_early"]
+        self.bad_evals = list(state["bad_evals"])
+        self.interval_loss, self.interval_count = list(state["interval_loss"]), state["interval_count"]
+        records = writer.truncate_history(state["history_length"])
+        for m, h in enumerate(self.histories):
+            h.records = [r for r in records if r.get("member", 0) == m]
+            h.best_step, h.best_val_nll = state["best_step"][m], state["best_val_nll"][m]
+            h.stopped_early, h.failed = state["stopped_early"][m], state["failed"][m]
 
     def _restore_optimiser(self, tensors: dict[str, Tensor], where: str) -> None:
         state: dict[int, dict[str, Tensor]] = {}
@@ -388,17 +439,27 @@ class _Loop:
         self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
 
     # -- training --
-    def loss(self, n: int, generator: torch.Generator) -> Tensor:
-        """Mini-batch loss of ``n`` points drawn with ``generator``: NLL per point, or ``log q + U``."""
-        a = self.anchor
+    def _points(self, per_member: list[Tensor]) -> Tensor:
+        """Stack the members' ``(n, d)`` points into the flow's layout: ``(n, d)`` or ``(*E, n, d)``."""
+        if not self.flow.ensemble_shape:
+            return per_member[0]
+        return torch.stack(per_member).reshape(*self.flow.ensemble_shape, *per_member[0].shape)
+
+    def losses(self, n: int, generators: list[torch.Generator]) -> Tensor:
+        """Each member's mini-batch loss ``(M,)`` of ``n`` points drawn with its generator: NLL per
+        point in nats/dim, or ``log q + βU`` per sample."""
+        a, dim, m = self.anchor, self.flow.dim, self.members
         if self.train is not None:
-            index = torch.randint(0, self.train.shape[0], (n,), generator=generator, device=a.device)
-            return -self.flow.log_prob(self.train[index]).mean() / self.flow.dim
-        z = torch.randn(n, self.flow.dim, generator=generator, device=a.device, dtype=a.dtype)
+            train = self.train
+            index = [torch.randint(0, train.shape[1], (n,), generator=g, device=a.device) for g in generators]
+            log_p = self.flow.log_prob(self._points([train[i][idx] for i, idx in enumerate(index)]))
+            return -log_p.reshape(m, n).mean(-1) / dim
+        z = self._points([torch.randn(n, dim, generator=g, device=a.device, dtype=a.dtype) for g in generators])
         x, logdet = self.flow(z)
         warm_up = self.config.anneal * self.config.steps
         beta = min(1.0, 0.01 + self.step / warm_up) if warm_up > 0 else 1.0
-        return (self.flow.base.log_prob(z) - logdet + beta * self._energy(x)).mean()
+        log_q = self.flow.base.log_prob(z.reshape(-1, dim)) - logdet.reshape(-1)
+        return (log_q + beta * self._energy(x.reshape(-1, dim))).reshape(m, n).mean(-1)
 
     def _energy(self, x: Tensor) -> Tensor:
         energy = self.energy
@@ -428,104 +489,161 @@ class _Loop:
                 total += t.numel() * t.element_size()
                 return t
 
+            probes = [torch.Generator(device=self.anchor.device).manual_seed(0) for _ in range(self.members)]
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                self.loss(n, torch.Generator(device=self.anchor.device).manual_seed(0))
+                self.losses(n, probes)
             saved.append(total)
         per_point = max((saved[1] - saved[0]) / (sizes[1] - sizes[0]), 0.0)
-        per_point += 2 * self.flow.dim * self.anchor.element_size()  # the batch and its gradient
+        per_point += 2 * self.members * self.flow.dim * self.anchor.element_size()  # the batch and its gradient
         check_memory(2 * per_point * self.config.batch_size, f"a training step at batch_size {self.config.batch_size} "
                      f"({per_point:.0f} bytes per point; use a smaller batch size)", self.anchor.device)
 
-    def _record(self, grad_norm: float, started: float) -> bool:
-        """Append a history record (and validate); returns whether to stop early."""
-        record = {
-            "step": self.step,
-            "loss": self.interval_loss / max(self.interval_count, 1),
-            "lr": self.config.lr_at(self.step - 1),
-            "grad_norm": grad_norm,
-            "seconds": time.perf_counter() - started,
-        }
-        self.interval_loss, self.interval_count = 0.0, 0
-        stop = False
-        if self.val is not None:
-            record["val_nll"] = _mean_nll(self.flow, self.val)
-            if not math.isfinite(record["val_nll"]):
-                raise ValueError(f"training diverged at step {self.step} (validation NLL {record['val_nll']}); "
-                                 "try a smaller lr")
-            h = self.history
-            if h.best_val_nll is None or record["val_nll"] < h.best_val_nll:
-                h.best_val_nll, h.best_step, self.bad_evals = record["val_nll"], self.step, 0
-                self.best_state = {k: v.detach().clone() for k, v in self.flow.state_dict().items()}
-            else:
-                self.bad_evals += 1
-                stop = self.config.patience is not None and self.bad_evals >= self.config.patience
-        self.history.records.append(record)
-        if self.writer is not None:
-            self.writer.append_history(record)
-        if self.callback is not None:
-            self.callback(record)
-        return stop
+    def _clip(self, active: list[bool]) -> list[float]:
+        """Each member's gradient norm; scales its gradients to ``clip`` as ``clip_grad_norm_`` does for a
+        single flow, and zeroes the gradients of members that no longer train."""
+        m = self.members
+        grads = [p.grad.reshape(m, -1) for p in self.params if p.grad is not None]
+        norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads]), dim=0)
+        clip = self.config.clip or math.inf
+        coef = torch.clamp(clip / (norms + 1e-6), max=1.0)
+        keep = torch.tensor(active, device=norms.device).unsqueeze(-1)
+        for g in grads:
+            g.copy_(torch.where(keep, g * coef.unsqueeze(-1).to(g.dtype), torch.zeros_like(g)))
+        return norms.tolist()
 
-    def run(self) -> History:
+    def _fail(self, member: int, what: str) -> None:
+        message = f"training diverged at step {self.step} ({what}); try a smaller lr"
+        if not self.flow.ensemble_shape:
+            raise ValueError(message)
+        self.histories[member].failed = message
+
+    def _record(self, grad_norms: list[float], started: float) -> list[bool]:
+        """Append a history record per training member (and validate); returns who stops early now."""
+        active, count = self.active, max(self.interval_count, 1)
+        val_nll = None
+        if self.val is not None:
+            with torch.no_grad():
+                val_nll = (-self.flow.log_prob(self._points(list(self.val))).reshape(self.members, -1).mean(-1)
+                           / self.flow.dim).tolist()
+        stops = [False] * self.members
+        improved = []
+        for m, h in enumerate(self.histories):
+            if not active[m]:
+                continue
+            record = {"step": self.step, "loss": self.interval_loss[m] / count, "lr": self.config.lr_at(self.step - 1),
+                      "grad_norm": grad_norms[m], "seconds": time.perf_counter() - started}
+            if self.flow.ensemble_shape:
+                record["member"] = m
+            if val_nll is not None:
+                record["val_nll"] = val_nll[m]
+                if not math.isfinite(val_nll[m]):
+                    self._fail(m, f"validation NLL {val_nll[m]}")
+                elif h.best_val_nll is None or val_nll[m] < h.best_val_nll:
+                    h.best_val_nll, h.best_step, self.bad_evals[m] = val_nll[m], self.step, 0
+                    improved.append(m)
+                else:
+                    self.bad_evals[m] += 1
+                    stops[m] = self.config.patience is not None and self.bad_evals[m] >= self.config.patience
+            h.records.append(record)
+            if self.writer is not None:
+                self.writer.append_history(record)
+            if self.callback is not None:
+                self.callback(record)
+        self.interval_loss, self.interval_count = [0.0] * self.members, 0
+        if improved:
+            self._keep_best(improved)
+        return stops
+
+    def _keep_best(self, members: list[int]) -> None:
+        """Copy the current weights of ``members`` into the best weights."""
+        state = {k: v.detach() for k, v in self.flow.state_dict().items()}
+        if self.best_state is None:
+            self.best_state = {k: v.clone() for k, v in state.items()}
+            return
+        shape = self.flow.ensemble_shape
+        for name, value in state.items():
+            if shape and tuple(value.shape[: len(shape)]) == shape:
+                flat, best = value.reshape(self.members, -1), self.best_state[name].view(self.members, -1)
+                best[members] = flat[members]
+            else:
+                self.best_state[name].copy_(value)
+
+    def run(self) -> list[History]:
         config, started = self.config, time.perf_counter()
-        grad_norm = math.nan
-        while self.step < config.steps and not self.history.stopped_early:
+        grad_norms = [math.nan] * self.members
+        while self.step < config.steps and any(self.active):
             for group in self.opt.param_groups:
                 group["lr"] = config.lr_at(self.step)
             self.opt.zero_grad(set_to_none=True)
-            loss = self.loss(config.batch_size, self.generator)
-            loss.backward()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise ValueError(f"training diverged at step {self.step} (loss {value}); try a smaller lr")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.clip or math.inf))
-            if not math.isfinite(grad_norm):
-                raise ValueError(f"training diverged at step {self.step} (gradient norm {grad_norm}); try a smaller lr")
+            losses = self.losses(config.batch_size, self.generators)
+            losses.sum().backward()
+            values = losses.tolist()
+            for m in range(self.members):
+                if self.active[m] and not math.isfinite(values[m]):
+                    self._fail(m, f"loss {values[m]}")
+            grad_norms = self._clip(self.active)
+            for m in range(self.members):
+                if self.active[m] and not math.isfinite(grad_norms[m]):
+                    self._fail(m, f"gradient norm {grad_norms[m]}")
+            if not any(self.active):
+                break
             self.opt.step()
             self.step += 1
-            self.interval_loss += value
+            self.interval_loss = [s + v if a else s for s, v, a in zip(self.interval_loss, values, self.active)]
             self.interval_count += 1
-            stop = self.step % config.log_every == 0 and self._record(grad_norm, started)
-            if stop:
-                self.history.stopped_early = True
-            if self.writer is not None and (stop or self.step == config.steps or (
+            stops = self._record(grad_norms, started) if self.step % config.log_every == 0 else [False] * self.members
+            for h, stop in zip(self.histories, stops, strict=True):
+                h.stopped_early = h.stopped_early or stop
+            if self.writer is not None and (any(stops) or self.step == config.steps or (
                 config.checkpoint_every is not None and self.step % config.checkpoint_every == 0
             )):
                 self.checkpoint()
-            if stop:
-                break
-        if self.interval_count:
-            self._record(grad_norm, started)
+        if self.interval_count and any(self.active):
+            self._record(grad_norms, started)
+        failed = [h.failed for h in self.histories if h.failed]
+        if len(failed) == self.members:
+            raise ValueError(f"every ensemble member diverged; the first: {failed[0]}")
         if self.best_state is not None:
             self.flow.load_state_dict(self.best_state)
-        self.history.steps_done = self.step
-        self.history.seconds = time.perf_counter() - started
+        for h in self.histories:
+            h.steps_done = max((r["step"] for r in h.records), default=self.step) if h.stopped_early else self.step
+            h.seconds = time.perf_counter() - started
         if self.writer is not None:
             metadata = {"run_id": self.config_json["run_id"], "step": str(self.step),
                         "probe": json.dumps(probe_outputs(self.flow).tolist())}
             self.writer.save_weights(self.flow, metadata)
-        return self.history
+        return self.histories
 
 
 _STATE_TYPES: dict[str, tuple[type, ...]] = {
-    "step": (int,), "config": (dict,), "history_length": (int,), "best_step": (int, type(None)),
-    "best_val_nll": (float, int, type(None)), "bad_evals": (int,), "stopped_early": (bool,),
-    "interval_loss": (float, int), "interval_count": (int,),
+    "step": (int,), "config": (dict,), "history_length": (int,), "interval_count": (int,),
+}
+_MEMBER_TYPES: dict[str, tuple[type, ...]] = {
+    "best_step": (int, type(None)), "best_val_nll": (float, int, type(None)), "bad_evals": (int,),
+    "stopped_early": (bool,), "failed": (str, type(None)), "interval_loss": (float, int),
 }
 
 
-def _check_state(state: dict[str, Any], steps: int, where: str) -> None:
+def _check_state(state: dict[str, Any], steps: int, members: int, where: str) -> None:
     """Fields and ranges of ``checkpoint.json`` (its checksum was verified already)."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CorruptFileError(f"{where}: checkpoint format {state.get('format')!r}, this flowprobe reads "
-                          f"{CHECKPOINT_FORMAT}")
+                               f"{CHECKPOINT_FORMAT}")
+
+    def typed(value: Any, types: tuple[type, ...]) -> bool:
+        return isinstance(value, types) and (not isinstance(value, bool) or bool in types)
+
     for key, types in _STATE_TYPES.items():
-        value = state.get(key)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        if not typed(state.get(key), types):
             raise CorruptFileError(f"{where}: field {key!r} is missing or not {' or '.join(t.__name__ for t in types)}")
+    for key, types in _MEMBER_TYPES.items():
+        values = state.get(key)
+        if not (isinstance(values, list) and len(values) == members and all(typed(v, types) for v in values)):
+            names = " or ".join(t.__name__ for t in types)
+            raise CorruptFileError(f"{where}: field {key!r} is missing or not a list of {members} {names}")
     if not 1 <= state["step"] <= steps:
         raise CorruptFileError(f"{where}: step {state['step']} lies outside [1, {steps}]")
-    if min(state["history_length"], state["bad_evals"], state["interval_count"]) < 0:
+    if min(state["history_length"], state["interval_count"], *state["bad_evals"]) < 0:
         raise CorruptFileError(f"{where}: negative counters")
 
 
