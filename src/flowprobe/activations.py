@@ -20,6 +20,7 @@ Convention at the kink of ``relu`` / ``leaky_relu``: ``h'(0)`` is the left slope
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -161,6 +162,8 @@ class Activation:
             backwards of layer stacks differentiate log-determinants ``log(1 + α h')`` with it.
         sup_derivative: ``sup_t h'(t)``; invertibility bounds are ``−1 / sup h'``.
         kink_slopes: ``(left, right)`` slopes at 0 for piecewise-linear activations, else ``None``.
+        bound: ``sup_t |h(t)|`` (``inf`` for unbounded activations): a planar layer with ``‖û‖ ≤ U``
+            moves every point by at most ``U·bound``.
         derivative_from_value: ``h'`` as a function of ``h(t)``, if it is one (tanh: ``1 − h²``).
         newton: A fixed-budget solver of ``s + α h(s) = c``, if the activation has one.
 
@@ -174,6 +177,7 @@ class Activation:
     second_derivative: Callable[[Tensor], Tensor]
     sup_derivative: float
     kink_slopes: tuple[float, float] | None = None
+    bound: float = math.inf
     derivative_from_value: Callable[[Tensor], Tensor] | None = None
     newton: NewtonKernel | None = None
 
@@ -187,7 +191,7 @@ class Activation:
         if ACTIVATIONS.get(self.name) is self:
             return get_activation, (self.name,)
         fields = (self.name, self.fn, self.derivative, self.second_derivative, self.sup_derivative,
-                  self.kink_slopes, self.derivative_from_value, self.newton)
+                  self.kink_slopes, self.bound, self.derivative_from_value, self.newton)
         return Activation, fields
 
 
@@ -262,10 +266,10 @@ def _leaky_relu_derivative(t: Tensor) -> Tensor:
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("tanh", torch.tanh, _tanh_derivative, _tanh_second, 1.0,
+        Activation("tanh", torch.tanh, _tanh_derivative, _tanh_second, 1.0, bound=1.0,
                    derivative_from_value=_tanh_derivative_from_value, newton=TANH_NEWTON),
-        Activation("sigmoid", torch.sigmoid, _sigmoid_derivative, _sigmoid_second, 0.25),
-        Activation("arctan", torch.atan, _arctan_derivative, _arctan_second, 1.0),
+        Activation("sigmoid", torch.sigmoid, _sigmoid_derivative, _sigmoid_second, 0.25, bound=1.0),
+        Activation("arctan", torch.atan, _arctan_derivative, _arctan_second, 1.0, bound=math.pi / 2),
         Activation("softplus", _softplus, torch.sigmoid, _sigmoid_derivative, 1.0),
         Activation("elu", F.elu, _elu_derivative, _elu_second, 1.0),
         Activation("identity", _identity, _ones, _zeros, 1.0, (1.0, 1.0)),

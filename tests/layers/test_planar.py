@@ -78,3 +78,30 @@ def test_zero_w_is_a_translation_with_zero_log_det():
 def test_bad_constructor_arguments_are_named(factory):
     with pytest.raises(ValueError):
         factory()
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "arctan"])
+def test_bounded_planar_layers_move_points_less_than_u_max_times_sup_h(activation):
+    torch.manual_seed(0)
+    layer = fp.build_flow(f"planar:16:{activation}:umax=0.7", 3, torch.float64).stacks[0]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 30.0)  # raw values far outside the bound
+    p = layer.constrained()
+    assert float(p.u.norm(dim=-1).max()) <= 0.7 * (1 + 1e-12) and layer.invertibility().invertible
+    z = 5 * torch.randn(2000, 3, dtype=torch.float64)
+    x, _ = layer(z)
+    assert float((x - z).norm(dim=-1).max()) <= 16 * layer.displacement * (1 + 1e-12)
+    assert layer.displacement == 0.7 * layer.act.bound
+    assert (layer.inverse(x)[0] - z).abs().max() < 1e-8
+
+
+def test_bounded_set_constrained_round_trips_and_refuses_long_u():
+    layer = fp.Planar(2, "tanh", u_max=1.0).double()
+    u, w = torch.tensor([0.3, -0.5], dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64)
+    layer.set_constrained(u, w, 0.1)
+    torch.testing.assert_close(layer.constrained().u[0], u, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="needs ‖u‖ < u_max = 1"):
+        layer.set_constrained(torch.tensor([1.0, 0.5]), w, 0.0)
+    with pytest.raises(ValueError, match="u_max must be a positive number"):
+        fp.Planar(2, u_max=0)

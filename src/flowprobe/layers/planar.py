@@ -3,6 +3,7 @@ run kernels (``docs/layers.md``)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -51,10 +52,11 @@ def check_min_slope(min_slope: float) -> float:
 
 @register(
     "planar",
-    options=(activation_option(), Option("min_slope", float)),
+    options=(activation_option(), Option("min_slope", float), Option("u_max", float, aliases=("umax",))),
     formula="z + û h(wᵀz + b)",
     inverse="bracketed Newton on a scalar monotone equation; closed form for relu / leaky_relu",
-    examples=lambda dim: {f"planar-{a}": {"activation": a} for a in ACTIVATIONS},
+    examples=lambda dim: {f"planar-{a}": {"activation": a} for a in ACTIVATIONS}
+    | {"planar-bounded-arctan": {"activation": "arctan", "u_max": 0.5}},
 )
 class Planar(FlowLayer):
     r"""Planar layers :math:`x = z + \hat u\, h(w^\top z + b)`.
@@ -70,6 +72,12 @@ class Planar(FlowLayer):
     the bound where rounding (raw values of order 1e3 in float32) would cross it, so the constraint
     holds in the arithmetic the log-det and the inverse use.
 
+    Bounded layers (``u_max = U``): ``û`` is then shrunk radially, ``û ← û·U tanh(‖û‖/U)/‖û‖``, so
+    ``‖û‖ ≤ U`` for any raw value (a reparametrisation, not clipping: smooth, and ``wᵀû`` only shrinks
+    towards 0, so the slope bound still holds). With a bounded activation (``|h| ≤ H``: tanh,
+    sigmoid, arctan) every layer moves every point by less than ``U·H`` — the class of Kong &
+    Chaudhuri's depth lower bound (``docs/theory/depth.md``).
+
     Inverse: project on ``w``; ``s = wᵀz + b`` solves the scalar monotone equation
     ``s + α h(s) = wᵀx + b`` (the activation's fixed-budget Newton with one check per run, else
     bracketed Newton; closed form for relu / leaky_relu / identity); then ``z = x − û h(s)``.
@@ -79,6 +87,7 @@ class Planar(FlowLayer):
         activation: ``tanh``, ``sigmoid``, ``arctan``, ``softplus``, ``elu``, ``relu``,
             ``leaky_relu``, ``identity`` or an :class:`~flowprobe.activations.Activation`.
         min_slope: ``ε`` in ``(0, 1]``; the smallest slope any point may see.
+        u_max: Optional bound ``U`` on ``‖û‖`` (default: unbounded).
         layers: Number of layers ``K`` in the stack.
         ensemble: Ensemble shape (see :class:`~flowprobe.layers.base.FlowLayer`).
 
@@ -92,6 +101,7 @@ class Planar(FlowLayer):
         dim: int,
         activation: str | Activation = "tanh",
         min_slope: float = DEFAULT_MIN_SLOPE,
+        u_max: float | None = None,
         *,
         layers: int = 1,
         ensemble: int | tuple[int, ...] = (),
@@ -99,6 +109,9 @@ class Planar(FlowLayer):
         super().__init__(dim, layers, ensemble)
         self.act = get_activation(activation)
         self.min_slope = check_min_slope(min_slope)
+        if u_max is not None and not (isinstance(u_max, float | int) and 0 < u_max < math.inf):
+            raise ValueError(f"u_max must be a positive number, got {u_max!r}")
+        self.u_max = None if u_max is None else float(u_max)
         self._init_parameters()
 
     def init_raw(self) -> dict[str, Tensor]:
@@ -116,6 +129,8 @@ class Planar(FlowLayer):
         target = (F.softplus(wu) - 1 + self.min_slope) / self.act.sup_derivative
         # û = u⊥ + m(wᵀu) w/‖w‖², written so that no large terms cancel (w = 0 gives û = u, α = 0).
         u_hat = u - (wu / w_sq).unsqueeze(-1) * w + (target / w_sq).unsqueeze(-1) * w
+        if self.u_max is not None:
+            u_hat = u_hat * _squash(u_hat.norm(dim=-1, keepdim=True), self.u_max)
         alpha = inner(w, u_hat).clamp_min(self._alpha_floor)
         return PlanarParams(u_hat, w, b, alpha)
 
@@ -157,6 +172,11 @@ class Planar(FlowLayer):
         anchor = self.u
         u = torch.as_tensor(u, dtype=anchor.dtype, device=anchor.device)
         w = torch.as_tensor(w, dtype=anchor.dtype, device=anchor.device)
+        if self.u_max is not None:  # undo the radial squash: ‖û‖ = U tanh(n/U) ⇒ n = U atanh(‖û‖/U)
+            norm = float(u.norm())
+            if not norm < self.u_max:
+                raise ValueError(f"planar layer needs ‖u‖ < u_max = {self.u_max:g}, got {norm:g}")
+            u = u * (self.u_max * math.atanh(norm / self.u_max) / norm) if norm > 0 else u
         wu = inner(w, u)
         softplus_value = wu * self.act.sup_derivative + 1 - self.min_slope
         if bool(softplus_value <= 0):
@@ -178,7 +198,19 @@ class Planar(FlowLayer):
         return p.u.unsqueeze(-1), p.w.unsqueeze(-1), p.b.unsqueeze(-1)
 
     def _settings(self) -> str:
-        return f"activation={self.act.name!r}, min_slope={self.min_slope:g}"
+        bound = "" if self.u_max is None else f", u_max={self.u_max:g}"
+        return f"activation={self.act.name!r}, min_slope={self.min_slope:g}{bound}"
+
+    @property
+    def displacement(self) -> float:
+        """``sup_z ‖f(z) − z‖`` per layer: ``u_max · sup|h|`` (``inf`` unless both are bounded)."""
+        return math.inf if self.u_max is None else self.u_max * self.act.bound
+
+
+def _squash(norm: Tensor, bound: float) -> Tensor:
+    """The factor ``U tanh(n/U)/n`` (1 at ``n = 0``) that maps a vector of norm ``n`` to norm ``< U``."""
+    ratio = norm / bound
+    return torch.where(ratio > 1e-4, torch.tanh(ratio) / ratio.clamp_min(1e-4), 1 - ratio * ratio / 3)
 
 
 # -- fused kernels for runs with shared parameters: u, w (K, d), b, α (K,), points (N, d) ----------
