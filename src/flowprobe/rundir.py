@@ -465,7 +465,8 @@ def probe_outputs(flow: Any) -> Tensor:
     """``(x, logdet)`` of the flow at fixed probe points, as one ``(PROBE_POINTS, dim + 1)`` float64 tensor:
     a fingerprint of the function the weights and the spec compute together."""
     anchor = next(flow.parameters())
-    z = torch.randn(PROBE_POINTS, flow.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = torch.randn(PROBE_POINTS, flow.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                    device="cpu")
     with torch.no_grad():
         x, logdet = flow(z.to(device=anchor.device, dtype=anchor.dtype))
     return torch.cat([x, logdet.unsqueeze(-1)], -1).to(device="cpu", dtype=torch.float64)

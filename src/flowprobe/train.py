@@ -168,7 +168,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tenso
         return torch.arange(n), None
     if n_val >= n:
         raise ValueError(f"validation split of {val_fraction} leaves no training points out of {n}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu")
     return perm[n_val:], perm[:n_val]
 
 
