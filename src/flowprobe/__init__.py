@@ -5,7 +5,7 @@ Direction convention: layers and flows map source → data, ``x, logdet = layer(
 """
 
 from flowprobe.activations import ACTIVATIONS, get_activation
-from flowprobe.distributions import Density, DiagonalNormal, GaussianMixture, StandardNormal
+from flowprobe.distributions import Density, DiagonalNormal, FullNormal, GaussianMixture, StandardNormal
 from flowprobe.flow import Flow
 from flowprobe.layers import (
     FlowLayer,
@@ -30,6 +30,7 @@ __all__ = [
     "DiagonalNormal",
     "Flow",
     "FlowLayer",
+    "FullNormal",
     "GaussianMixture",
     "GeneralSylvester",
     "Householder",

@@ -6,6 +6,7 @@ module's device and dtype with torch's global RNG (seed it with ``torch.manual_s
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +22,13 @@ __all__ = [
     "DiagonalNormal",
     "Density",
     "Energy",
+    "FullNormal",
     "FunctionEnergy",
     "GaussianMixture",
     "RezendeEnergy",
     "StandardNormal",
     "load_energy",
+    "log_scale_bound",
     "rezende_energy",
 ]
 
@@ -33,13 +36,19 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 class Density(nn.Module):
-    """A density on ``R^dim`` with ``log_prob``, ``sample`` and ``rsample``."""
+    """A density on ``R^dim`` with ``log_prob``, ``sample`` and ``rsample``.
 
-    def __init__(self, dim: int, dtype: torch.dtype | None = None) -> None:
+    An *ensemble* density (``ensemble_shape = E``, parameters leading with ``E``) is ``E`` independent
+    densities evaluated in the same ops, as a flow's ensemble members: points ``(*E, N, dim)`` (or
+    ``(N, dim)``, seen by every member), log-densities ``(*E, N)`` and samples ``(*E, n, dim)``.
+    """
+
+    def __init__(self, dim: int, dtype: torch.dtype | None = None, ensemble_shape: tuple[int, ...] = ()) -> None:
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self.dim = dim
+        self.ensemble_shape = tuple(ensemble_shape)
         self.register_buffer("_anchor", torch.zeros((), dtype=dtype), persistent=False)
 
     @property
@@ -48,29 +57,56 @@ class Density(nn.Module):
         return self._anchor
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Log-density of points ``(N, dim)``, shape ``(N,)``."""
-        return self._log_prob(check_points(x, self.dim, "x"))
+        """Log-density of points ``(N, dim)`` (or ``(*E, N, dim)``), shape ``(N,)`` (or ``(*E, N)``)."""
+        return self._log_prob(check_points(x, self.dim, "x", self.ensemble_shape))
 
     def _log_prob(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def rsample(self, n: int) -> Tensor:
-        """``n`` reparametrised samples (differentiable in the parameters), shape ``(n, dim)``."""
+        """``n`` reparametrised samples (differentiable in the parameters), shape ``(*E, n, dim)``."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"number of samples must be a positive integer, got {n!r}")
         return self._rsample(n)
 
     def _rsample(self, n: int) -> Tensor:
-        raise NotImplementedError
+        return self.reparametrise(self._noise(n))
+
+    def reparametrise(self, eps: Tensor) -> Tensor:
+        """Samples ``x = T(ε)`` from standard normal noise ``ε`` of shape ``(..., dim)``: the map
+        :meth:`rsample` applies to its own noise (training draws ``ε`` from its own generators).
+
+        Raises:
+            ValueError: the density has no such map (e.g. a mixture, which picks a component).
+        """
+        raise ValueError(f"{type(self).__name__} is not a transform of standard normal noise (not reparametrisable)")
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
-        """``n`` samples without gradient, shape ``(n, dim)``."""
+        """``n`` samples without gradient, shape ``(*E, n, dim)``."""
         return self.rsample(n)
 
     def _noise(self, n: int) -> Tensor:
         a = self.anchor
-        return torch.randn(n, self.dim, dtype=a.dtype, device=a.device)
+        return torch.randn(*self.ensemble_shape, n, self.dim, dtype=a.dtype, device=a.device)
+
+    def member(self, index: int | tuple[int, ...]) -> Density:
+        """Ensemble member ``index`` as a stand-alone density (a copy).
+
+        Raises:
+            ValueError: the density is not an ensemble.
+        """
+        if not self.ensemble_shape:
+            raise ValueError("this density is not an ensemble")
+        index = (index,) if isinstance(index, int) else tuple(index)
+        solo = copy.deepcopy(self)
+        for name, p in list(solo.named_parameters(recurse=False)):
+            solo.register_parameter(name, nn.Parameter(p.detach()[index].clone(), p.requires_grad))
+        for name, b in list(solo.named_buffers(recurse=False)):
+            if name != "_anchor":
+                solo.register_buffer(name, b[index].clone(), persistent=name not in solo._non_persistent_buffers_set)
+        solo.ensemble_shape = ()
+        return solo
 
 
 class StandardNormal(Density):
@@ -79,44 +115,163 @@ class StandardNormal(Density):
     def _log_prob(self, x: Tensor) -> Tensor:
         return -0.5 * (x * x).sum(-1) - 0.5 * self.dim * LOG_2PI
 
-    def _rsample(self, n: int) -> Tensor:
-        return self._noise(n)
+    def reparametrise(self, eps: Tensor) -> Tensor:
+        return eps
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
 
 
-class DiagonalNormal(Density):
+def log_scale_bound(dtype: torch.dtype) -> float:
+    """``B = 0.45 log(max)`` of a floating-point type: for ``|log σ| ≤ B``, ``σ^±1`` and ``σ^±2`` are finite,
+    normal numbers (float32: ``σ ∈ [2e-18, 5e17]``; float64: ``[5e-139, 2e138]``)."""
+    return 0.45 * math.log(torch.finfo(dtype).max)
+
+
+class _Normal(Density):
+    r"""A Gaussian ``x = μ + L ε``, ``ε ~ N(0, I)``, with ``L`` lower triangular and
+    ``diag(L) = exp(clamp(s, −B, B))`` for raw log-scales ``s`` (:func:`log_scale_bound`): for every raw
+    value the diagonal is positive and ``Σ = L Lᵀ`` positive definite.
+
+    :math:`\log q(x) = -\tfrac12\|L^{-1}(x - μ)\|^2 - \sum_i s_i - \tfrac d2 \log 2π` (clamped ``s``).
+    Subclasses give the off-diagonal part (:meth:`scale_tril`) and the whitening ``L⁻¹(x − μ)``.
+    """
+
+    def __init__(self, loc: Tensor, log_scale: Tensor, trainable: bool, **raw: Tensor) -> None:
+        super().__init__(loc.shape[-1], loc.dtype, tuple(loc.shape[:-1]))
+        for name, value in {"loc": loc, "log_scale": log_scale, **raw}.items():
+            if trainable and value.numel():
+                self.register_parameter(name, nn.Parameter(value))
+            else:  # an empty raw tensor (nothing below the diagonal in 1-D) is neither trained nor saved
+                self.register_buffer(name, value, persistent=bool(value.numel()))
+        self.trainable = trainable
+
+    def clamped_log_scale(self) -> Tensor:
+        """The log-scales ``s`` clamped to ``[−B, B]``, shape ``(*E, dim)``: ``log diag(L)``."""
+        bound = log_scale_bound(self.log_scale.dtype)
+        return self.log_scale.clamp(-bound, bound)
+
+    def scale_tril(self) -> Tensor:
+        """``L``, shape ``(*E, dim, dim)``."""
+        raise NotImplementedError
+
+    def covariance(self) -> Tensor:
+        """``Σ = L Lᵀ``, shape ``(*E, dim, dim)``."""
+        tril = self.scale_tril()
+        return tril @ tril.mT
+
+    def _whiten(self, diff: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        eps = self._whiten(x - self.loc.unsqueeze(-2))
+        log_det = self.clamped_log_scale().sum(-1, keepdim=True)
+        return -0.5 * (eps * eps).sum(-1) - log_det - 0.5 * self.dim * LOG_2PI
+
+    def set_moments(self, mean: Tensor, cov: Tensor) -> None:
+        """Set the parameters to mean ``(*E, dim)`` and covariance ``(*E, dim, dim)`` (positive definite;
+        a diagonal source takes its diagonal, the maximum-likelihood diagonal Gaussian of the same data)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        ensemble = f", ensemble={self.ensemble_shape}" if self.ensemble_shape else ""
+        return f"dim={self.dim}, trainable={self.trainable}{ensemble}"
+
+
+def _as_float(value: Tensor, like: Tensor | None = None) -> Tensor:
+    value = torch.as_tensor(value)
+    if like is not None:
+        return value.to(like.dtype)
+    return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+
+
+class DiagonalNormal(_Normal):
     """``N(loc, diag(scale²))``; ``trainable=True`` makes ``loc`` and ``log scale`` parameters.
 
+    ``loc`` of shape ``(*E, dim)`` makes an ensemble of ``E`` such densities.
+
     Args:
-        loc: Mean, shape ``(dim,)``.
-        scale: Standard deviations, shape ``(dim,)``, all positive.
+        loc: Mean, shape ``(dim,)`` (or ``(*E, dim)``).
+        scale: Standard deviations, the shape of ``loc``, all positive.
         trainable: Learn ``loc`` and ``scale``.
     """
 
     def __init__(self, loc: Tensor, scale: Tensor, trainable: bool = False) -> None:
-        loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
-        dtype = loc.dtype if loc.is_floating_point() else torch.get_default_dtype()
-        super().__init__(loc.numel(), dtype)
-        if loc.dim() != 1 or scale.shape != loc.shape:
+        loc = _as_float(loc)
+        scale = _as_float(scale, loc)
+        if loc.dim() < 1 or loc.shape[-1] < 1 or scale.shape != loc.shape:
             shapes = f"{tuple(loc.shape)} and {tuple(scale.shape)}"
-            raise ValueError(f"loc and scale must be vectors of one shape, got {shapes}")
+            raise ValueError(f"loc and scale must have one shape (*E, dim), got {shapes}")
         if not bool((scale > 0).all()):
             raise ValueError("scale must be positive")
-        loc, log_scale = loc.to(dtype), scale.to(dtype).log()
-        if trainable:
-            self.loc, self.log_scale = nn.Parameter(loc), nn.Parameter(log_scale)
-        else:
-            self.register_buffer("loc", loc)
-            self.register_buffer("log_scale", log_scale)
+        super().__init__(loc, scale.log(), trainable)
 
-    def _log_prob(self, x: Tensor) -> Tensor:
-        std = (x - self.loc) * torch.exp(-self.log_scale)
-        return -0.5 * (std * std).sum(-1) - self.log_scale.sum() - 0.5 * self.dim * LOG_2PI
+    def scale_tril(self) -> Tensor:
+        return torch.diag_embed(self.clamped_log_scale().exp())
 
-    def _rsample(self, n: int) -> Tensor:
-        return self.loc + self._noise(n) * torch.exp(self.log_scale)
+    def _whiten(self, diff: Tensor) -> Tensor:
+        return diff * torch.exp(-self.clamped_log_scale()).unsqueeze(-2)
+
+    def reparametrise(self, eps: Tensor) -> Tensor:
+        return self.loc.unsqueeze(-2) + eps * self.clamped_log_scale().exp().unsqueeze(-2)
+
+    @torch.no_grad()
+    def set_moments(self, mean: Tensor, cov: Tensor) -> None:
+        self.loc.copy_(mean)
+        self.log_scale.copy_(0.5 * torch.diagonal(cov, dim1=-2, dim2=-1).log())
+
+
+class FullNormal(_Normal):
+    r"""``N(loc, L Lᵀ)`` with a full covariance through its Cholesky factor ``L``.
+
+    Raw parameters: ``loc``, the log-diagonal ``log_scale`` (clamped, see :class:`_Normal`) and
+    ``lower``, the ``dim(dim − 1)/2`` entries strictly below the diagonal (row by row). Any raw value
+    gives a lower-triangular ``L`` with a positive diagonal, hence a positive definite covariance.
+    ``loc`` of shape ``(*E, dim)`` makes an ensemble of ``E`` such densities.
+
+    Args:
+        loc: Mean, shape ``(dim,)`` (or ``(*E, dim)``).
+        scale_tril: ``L``, shape ``(dim, dim)`` (or ``(*E, dim, dim)``): lower triangular, positive diagonal.
+        trainable: Learn ``loc`` and ``L``.
+    """
+
+    def __init__(self, loc: Tensor, scale_tril: Tensor, trainable: bool = False) -> None:
+        loc = _as_float(loc)
+        tril = _as_float(scale_tril, loc)
+        if loc.dim() < 1 or loc.shape[-1] < 1 or tril.shape != (*loc.shape, loc.shape[-1]):
+            shapes = f"{tuple(loc.shape)} and {tuple(tril.shape)}"
+            raise ValueError(f"loc and scale_tril must have shapes (*E, dim) and (*E, dim, dim), got {shapes}")
+        diag = torch.diagonal(tril, dim1=-2, dim2=-1)
+        if not bool((diag > 0).all()) or bool((tril.triu(1) != 0).any()):
+            raise ValueError("scale_tril must be lower triangular with a positive diagonal")
+        rows, cols = self._below(loc.shape[-1], loc.device)
+        super().__init__(loc, diag.log(), trainable, lower=tril[..., rows, cols])
+
+    @staticmethod
+    def _below(dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Row and column indices of the entries strictly below the diagonal, row by row."""
+        rows, cols = torch.tril_indices(dim, dim, -1, device=device)
+        return rows, cols
+
+    def scale_tril(self) -> Tensor:
+        d = self.dim
+        rows, cols = self._below(d, self.lower.device)
+        flat = self.lower.new_zeros(*self.lower.shape[:-1], d * d).index_copy(-1, rows * d + cols, self.lower)
+        return flat.reshape(*flat.shape[:-1], d, d) + torch.diag_embed(self.clamped_log_scale().exp())
+
+    def _whiten(self, diff: Tensor) -> Tensor:
+        return torch.linalg.solve_triangular(self.scale_tril(), diff.mT, upper=False).mT
+
+    def reparametrise(self, eps: Tensor) -> Tensor:
+        return self.loc.unsqueeze(-2) + eps @ self.scale_tril().mT
+
+    @torch.no_grad()
+    def set_moments(self, mean: Tensor, cov: Tensor) -> None:
+        tril = torch.linalg.cholesky(cov)
+        rows, cols = self._below(self.dim, tril.device)
+        self.loc.copy_(mean)
+        self.log_scale.copy_(torch.diagonal(tril, dim1=-2, dim2=-1).log())
+        self.lower.copy_(tril[..., rows, cols])
 
 
 class GaussianMixture(Density):

@@ -33,13 +33,16 @@ class Flow(nn.Module):
 
     Ensembles: stacks built with ``ensemble=E`` make ``E`` independent flows evaluated in the same
     ops; points are ``(*E, N, dim)`` (``(N, dim)`` is seen by every member) and log-densities
-    ``(*E, N)``. Stacks without an ensemble shape are shared by every member.
+    ``(*E, N)``. Stacks without an ensemble shape are shared by every member; so is a source without
+    one (an ensemble source, e.g. ``FullNormal`` with ``loc`` of shape ``(*E, dim)``, gives each member
+    its own).
 
     Without autograd, evaluation streams over chunks of points, so its memory does not grow with
     the depth.
 
     Args:
-        base: The source density ``q`` (e.g. :class:`~flowprobe.StandardNormal`).
+        base: The source density ``q`` (e.g. :class:`~flowprobe.StandardNormal`, or a trainable
+            :class:`~flowprobe.FullNormal`).
         layers: Layer stacks applied in order, all of dimension ``base.dim``.
     """
 
@@ -53,8 +56,10 @@ class Flow(nn.Module):
                 raise ValueError(f"layer {i} ({type(stack).__name__}) has dim {stack.dim}, base has dim {base.dim}")
             if stack.ensemble_shape:
                 shapes.add(stack.ensemble_shape)
+        if base.ensemble_shape:
+            shapes.add(base.ensemble_shape)
         if len(shapes) > 1:
-            raise ValueError(f"layer stacks have different ensemble shapes: {sorted(shapes)}")
+            raise ValueError(f"layer stacks and source have different ensemble shapes: {sorted(shapes)}")
         self.base = base
         self.stacks = nn.ModuleList(layers)
         self.dim = base.dim
@@ -117,6 +122,8 @@ class Flow(nn.Module):
         return self._run(self._check(x, "x"), params, inverse=True)
 
     def _base_log_prob(self, z: Tensor) -> Tensor:
+        if self.base.ensemble_shape:
+            return self.base._log_prob(z)
         return self.base._log_prob(z.reshape(-1, self.dim)).reshape(z.shape[:-1])
 
     def log_prob(self, x: Tensor, params: StackParams = None) -> Tensor:
@@ -125,6 +132,8 @@ class Flow(nn.Module):
         return self._base_log_prob(z) + logdet_inv
 
     def _source(self, n: int) -> Tensor:
+        if self.base.ensemble_shape:
+            return self.base.rsample(n)
         members = math.prod(self.ensemble_shape)
         return self.base.rsample(n * members).reshape(*self.ensemble_shape, n, self.dim)
 
@@ -153,7 +162,8 @@ class Flow(nn.Module):
 
     # -- ensembles -------------------------------------------------------------------------
     def member(self, index: int | tuple[int, ...]) -> Flow:
-        """Ensemble member ``index`` as a stand-alone flow (a copy; stacks without an ensemble are copied too).
+        """Ensemble member ``index`` as a stand-alone flow (a copy; stacks and a source without an ensemble are
+        copied too).
 
         Raises:
             ValueError: the flow is not an ensemble.
@@ -167,6 +177,8 @@ class Flow(nn.Module):
                 for name, p in list(stack.named_parameters(recurse=False)):
                     stack.register_parameter(name, nn.Parameter(p.detach()[index].clone(), p.requires_grad))
                 stack.ensemble_shape = ()
+        if self.base.ensemble_shape:
+            solo.base = self.base.member(index)
         solo.ensemble_shape = ()
         return solo
 

@@ -462,27 +462,32 @@ def run_config(run: str | Path) -> dict[str, Any]:
 
 
 def probe_outputs(flow: Any) -> Tensor:
-    """``(x, logdet)`` of the flow at fixed probe points, as one ``(PROBE_POINTS, dim + 1)`` float64 tensor:
-    a fingerprint of the function the weights and the spec compute together."""
+    """``(x, logdet, log q(z))`` of the flow at fixed probe points ``z``, as one ``(PROBE_POINTS, dim + 2)``
+    float64 tensor (``(*E, PROBE_POINTS, dim + 2)`` for an ensemble): a fingerprint of the function the
+    weights and the spec compute together, the source's log-density included."""
     anchor = next(flow.parameters())
     z = torch.randn(PROBE_POINTS, flow.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
-                    device="cpu")
+                    device="cpu").to(device=anchor.device, dtype=anchor.dtype)
     with torch.no_grad():
-        x, logdet = flow(z.to(device=anchor.device, dtype=anchor.dtype))
-    return torch.cat([x, logdet.unsqueeze(-1)], -1).to(device="cpu", dtype=torch.float64)
+        x, logdet = flow(z)
+        log_q = flow.base.log_prob(z).expand(logdet.shape)
+    return torch.stack([*x.unbind(-1), logdet, log_q], -1).to(device="cpu", dtype=torch.float64)
 
 
 def check_probe(flow: Any, recorded: Tensor, what: str) -> None:
-    """Refuse weights whose flow does not reproduce the recorded probe outputs.
+    """Refuse weights whose flow does not reproduce the recorded probe outputs (recorded before the
+    source's column existed, ``dim + 1`` columns: the layers' only).
 
     Raises:
-        ValueError: the flow computes another function (a changed spec, e.g. another activation).
+        ValueError: the flow computes another function (a changed spec, e.g. another activation or source).
     """
     now = probe_outputs(flow)
+    if recorded.shape[-1] == now.shape[-1] - 1:
+        now = now[..., :-1]
     tol = 1e-4 if next(flow.parameters()).dtype == torch.float32 else 1e-9
     if recorded.shape != now.shape or not torch.allclose(now, recorded.to(torch.float64), rtol=tol, atol=tol):
         raise ValueError(f"{what} were written by a different flow (its outputs at the probe points differ): "
-                         "the flow spec or activation changed")
+                         "the flow spec, activation or source changed")
 
 
 def load_run(run: str | Path) -> tuple[Any, dict[str, Any]]:

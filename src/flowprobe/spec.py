@@ -11,6 +11,10 @@ or ``key=value``::
     sylvester:4:triangular          T-SNF; consecutive layers alternate the flip permutation
     householder:4:k=2               4 layers of 2 reflections each
     planar:16+radial:4              a chain, applied left to right (source → data)
+    gaussian:full>planar:8          the same layers on a trainable full-covariance Gaussian source
+
+A spec may start with a source and ``>`` (:data:`flowprobe.sources.SOURCES`: ``normal``, the fixed
+``N(0, I)`` that a spec without one gets, ``gaussian:diag`` or ``gaussian:full``).
 
 The families, their words and keys come from the registry (:func:`flowprobe.layers.families`):
 a registered family is usable in specs at once. Each term becomes one layer stack.
@@ -22,25 +26,49 @@ from typing import Any
 
 import torch
 
-from flowprobe.distributions import StandardNormal
 from flowprobe.flow import Flow
 from flowprobe.layers import FlowLayer, get_family
+from flowprobe.sources import SOURCES, build_source
 
-__all__ = ["MAX_LAYERS", "build_flow", "build_layers", "parse_spec"]
+__all__ = ["MAX_LAYERS", "build_flow", "build_layers", "default_spec", "parse_source", "parse_spec"]
 
 MAX_LAYERS = 10_000
+SOURCE_SEPARATOR = ">"
+
+
+def _split(spec: str) -> tuple[str, str]:
+    """``(source, layers)`` of a spec; the source is ``normal`` when the spec names none."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"flow spec must be a non-empty string like 'planar:32:tanh', got {spec!r}")
+    source, sep, layers = spec.replace(" ", "").rpartition(SOURCE_SEPARATOR)
+    if not sep:
+        return "normal", layers
+    if source not in SOURCES:
+        raise ValueError(f"flow spec: unknown source {source!r} before {SOURCE_SEPARATOR!r}; expected one of: "
+                         f"{', '.join(SOURCES)}")
+    if not layers:
+        raise ValueError(f"flow spec {spec!r} names a source but no layers after {SOURCE_SEPARATOR!r}")
+    return source, layers
+
+
+def parse_source(spec: str) -> str:
+    """The source a spec names (a key of :data:`~flowprobe.sources.SOURCES`; ``normal`` if none).
+
+    Raises:
+        ValueError: an unknown source, or no layers after it.
+    """
+    return _split(spec)[0]
 
 
 def parse_spec(spec: str) -> list[tuple[str, int, dict[str, Any]]]:
-    """Parse a flow spec into ``[(family, count, options), …]`` without building anything.
+    """Parse a flow spec's layers into ``[(family, count, options), …]`` without building anything (its
+    source, if any, is checked too: :func:`parse_source`).
 
     Raises:
         ValueError: naming the offending term and token.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"flow spec must be a non-empty string like 'planar:32:tanh', got {spec!r}")
     terms = []
-    for term in spec.replace(" ", "").split("+"):
+    for term in _split(spec)[1].split("+"):
         tokens = term.split(":")
         try:
             family = get_family(tokens[0])
@@ -76,16 +104,29 @@ def build_layers(spec: str, dim: int, ensemble: int | tuple[int, ...] = ()) -> l
 def build_flow(
     spec: str, dim: int, dtype: torch.dtype | None = None, ensemble: int | tuple[int, ...] = ()
 ) -> Flow:
-    """A flow ``N(0, I_dim)`` → data from a spec string, e.g. ``build_flow("planar:32:tanh", 2)``.
+    """A flow source → data from a spec string, e.g. ``build_flow("planar:32:tanh", 2)`` (source
+    ``N(0, I_dim)``) or ``build_flow("gaussian:full>planar:32:tanh", 2)``.
 
     Args:
         spec: See the module docstring.
         dim: Dimension of the points.
         dtype: Floating-point type of the parameters (default: torch's default dtype).
-        ensemble: Ensemble shape: that many independent flows of this architecture in one.
+        ensemble: Ensemble shape: that many independent flows of this architecture in one (a
+            trainable source gets per-member parameters too).
 
     Raises:
-        ValueError: an unknown family / option / value, naming the bad token.
+        ValueError: an unknown source / family / option / value, naming the bad token.
     """
-    flow = Flow(StandardNormal(dim), build_layers(spec, dim, ensemble))
+    stacks = build_layers(spec, dim, ensemble)
+    flow = Flow(build_source(parse_source(spec), dim, stacks[0].ensemble_shape), stacks)
     return flow.to(dtype) if dtype is not None else flow
+
+
+def default_spec(dim: int) -> str:
+    """The spec ``flowprobe fit --data`` uses without ``--flow``, chosen by the data's dimension ``dim``.
+
+    TODO: rule from the recipe search.
+    """
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    return "gaussian:full>radial:8"

@@ -39,6 +39,7 @@ from flowprobe.distributions import Energy
 from flowprobe.flow import Flow
 from flowprobe.io import CorruptFileError, load_state
 from flowprobe.rundir import RunWriter, check_probe, new_run_id, probe_outputs
+from flowprobe.sources import initialise
 from flowprobe.validation import check_memory, check_points, validation
 
 __all__ = [
@@ -72,6 +73,10 @@ class FitConfig:
             ``E_q[log q + βU]`` rises linearly from 0.01 to 1, as in Rezende & Mohamed (2015); 0 disables
             it. The default 0.5 keeps reverse KL from settling with a mode under-weighted (U1, planar
             K = 32: without it 2 of 4 seeds ended above KL 0.03).
+        init_source: Data only: before the first step, set the flow's Gaussian source to the
+            maximum-likelihood Gaussian of the training split pulled back through the layers
+            (:func:`flowprobe.sources.initialise`; each ensemble member from its own split), and count
+            that flow as a candidate for the best weights (``best_step = 0``).
     """
 
     steps: int = 20_000
@@ -85,6 +90,7 @@ class FitConfig:
     checkpoint_every: int | None = None
     seed: int = 0
     anneal: float = 0.5
+    init_source: bool = False
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "log_every": self.log_every}
@@ -99,6 +105,8 @@ class FitConfig:
             raise ValueError(f"clip must be positive or None, got {self.clip!r}")
         if not (isinstance(self.anneal, float | int) and 0 <= self.anneal <= 1):
             raise ValueError(f"anneal must be a share of the steps in [0, 1], got {self.anneal!r}")
+        if not isinstance(self.init_source, bool):
+            raise ValueError(f"init_source must be True or False, got {self.init_source!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction!r}")
         for name in ("patience", "checkpoint_every"):
@@ -246,6 +254,8 @@ def fit(
         raise ValueError("checkpoint_every needs an output directory (out=...)")
     if resume and out is None:
         raise ValueError("resume needs the output directory of the run (out=...)")
+    if config.init_source and data is None:
+        raise ValueError("init_source sets the source to the training data's moments: it needs data=")
     seeds = _member_seeds(flow, config, seeds)
     anchor = next(flow.parameters())
     train, val, splits = None, None, [(None, None)] * len(seeds)
@@ -264,6 +274,10 @@ def fit(
     else:
         writer, owned = None, contextlib.nullcontext()
     loop = _Loop(flow, config, train, val, energy, writer, callback, seeds)
+    if config.init_source and not (writer is not None and writer.mode == "resume"):
+        initialise(flow, loop._points(list(train)))
+        with validation(False):
+            loop.validate_start()
     with validation(False):
         loop.check_memory()
     with owned:
@@ -290,6 +304,8 @@ def _member_seeds(flow: Flow, config: FitConfig, seeds: Sequence[int] | None) ->
               and tuple(p.shape[: len(flow.ensemble_shape)]) != flow.ensemble_shape]
     shared += [f"stacks.{i}" for i, s in enumerate(flow.stacks) if not s.ensemble_shape and any(
         p.requires_grad for p in s.parameters())]
+    if not flow.base.ensemble_shape and any(p.requires_grad for p in flow.base.parameters()):
+        shared.append("the source (base)")
     if shared:
         raise ValueError(f"an ensemble trains per-member parameters only; {shared[0]} is shared by every member")
     seeds = [config.seed + i for i in range(members)] if seeds is None else [int(s) for s in seeds]
@@ -336,7 +352,10 @@ class _Loop:
 
     # -- persistence --
     def _settings(self) -> dict[str, Any]:
-        return {"objective": "nll" if self.energy is None else "reverse_kl", **dataclasses.asdict(self.config)}
+        settings = {"objective": "nll" if self.energy is None else "reverse_kl", **dataclasses.asdict(self.config)}
+        if not settings["init_source"]:  # recorded only when set: runs from before it existed still resume
+            del settings["init_source"]
+        return settings
 
     def start_files(self, meta: dict[str, Any]) -> None:
         assert self.writer is not None
@@ -454,11 +473,12 @@ class _Loop:
             index = [torch.randint(0, train.shape[1], (n,), generator=g, device=a.device) for g in generators]
             log_p = self.flow.log_prob(self._points([train[i][idx] for i, idx in enumerate(index)]))
             return -log_p.reshape(m, n).mean(-1) / dim
-        z = self._points([torch.randn(n, dim, generator=g, device=a.device, dtype=a.dtype) for g in generators])
+        eps = self._points([torch.randn(n, dim, generator=g, device=a.device, dtype=a.dtype) for g in generators])
+        z = self.flow.base.reparametrise(eps)
         x, logdet = self.flow(z)
         warm_up = self.config.anneal * self.config.steps
         beta = min(1.0, 0.01 + self.step / warm_up) if warm_up > 0 else 1.0
-        log_q = self.flow.base.log_prob(z.reshape(-1, dim)) - logdet.reshape(-1)
+        log_q = self.flow._base_log_prob(z).reshape(-1) - logdet.reshape(-1)
         return (log_q + beta * self._energy(x.reshape(-1, dim))).reshape(m, n).mean(-1)
 
     def _energy(self, x: Tensor) -> Tensor:
@@ -517,14 +537,30 @@ class _Loop:
             raise ValueError(message)
         self.histories[member].failed = message
 
+    def _val_nll(self) -> list[float] | None:
+        """Each member's validation NLL (nats/dim), or ``None`` without a validation split."""
+        if self.val is None:
+            return None
+        with torch.no_grad():
+            log_p = self.flow.log_prob(self._points(list(self.val)))
+        return (-log_p.reshape(self.members, -1).mean(-1) / self.flow.dim).tolist()
+
+    def validate_start(self) -> None:
+        """Make the flow before the first step a candidate for the best weights (``best_step = 0``): after
+        ``init_source``, a run never ends worse on its validation split than the flow it started as."""
+        val_nll = self._val_nll()
+        if val_nll is None:
+            return
+        finite = [m for m, v in enumerate(val_nll) if math.isfinite(v)]
+        for m in finite:
+            self.histories[m].best_val_nll, self.histories[m].best_step = val_nll[m], 0
+        if finite:
+            self._keep_best(finite)
+
     def _record(self, grad_norms: list[float], started: float) -> list[bool]:
         """Append a history record per training member (and validate); returns who stops early now."""
         active, count = self.active, max(self.interval_count, 1)
-        val_nll = None
-        if self.val is not None:
-            with torch.no_grad():
-                val_nll = (-self.flow.log_prob(self._points(list(self.val))).reshape(self.members, -1).mean(-1)
-                           / self.flow.dim).tolist()
+        val_nll = self._val_nll()
         stops = [False] * self.members
         improved = []
         for m, h in enumerate(self.histories):

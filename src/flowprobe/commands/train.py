@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,7 +37,7 @@ from flowprobe.experiments import (
 from flowprobe.io import atomic_write, sha256_file, write_json
 from flowprobe.metrics import nll_per_dim
 from flowprobe.rundir import OutputDir, RunWriter, load_run, run_config
-from flowprobe.spec import build_flow, parse_spec
+from flowprobe.spec import build_flow, default_spec, parse_source, parse_spec
 from flowprobe.train import FitConfig, fit
 
 __all__ = ["add_commands"]
@@ -136,6 +137,7 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
             f"  flow      {metrics['nll_flow']:.4f}",
             f"  Gaussian  {metrics['nll_gaussian']:.4f}",
             f"  KDE       {metrics['nll_kde']:.4f}",
+            f"  flow − Gaussian {metrics['nll_flow'] - metrics['nll_gaussian']:+.4f} (negative: the flow is better)",
         ]
     kl = metrics.get("kl")
     head = (f"KL(q‖p) = {kl:.4f} ± {metrics['kl_stderr']:.4f} nats (Monte-Carlo standard error; log Z = "
@@ -147,7 +149,7 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
 # -- fit ----------------------------------------------------------------------------------------------
 
 _RUN_FLAGS = ("steps", "lr", "batch_size", "schedule", "clip", "val_fraction", "patience", "log_every",
-              "checkpoint_every", "seed", "anneal")
+              "checkpoint_every", "seed", "anneal", "init_source")
 
 
 def _clip(value: float | None) -> float | None:
@@ -165,8 +167,8 @@ def _check_spec_size(spec: str) -> None:
 def _resume_conflicts(args: argparse.Namespace, run: Path, config: dict[str, Any]) -> None:
     """Refuse options of ``fit --resume`` that differ from the run's (a resume keeps the run's settings)."""
     t = config.get("target", {})
-    recorded = dict(config["fit"]) | {"dtype": config.get("dtype", "float32"), "flow": config["flow"],
-                                      "dim": t.get("dim"), "n_data": t.get("n")}
+    recorded = {"init_source": False} | dict(config["fit"]) | {
+        "dtype": config.get("dtype", "float32"), "flow": config["flow"], "dim": t.get("dim"), "n_data": t.get("n")}
     given = {"clip": _clip(args.clip)} if args.clip is not None else {}
     given |= {k: getattr(args, k) for k in (*_RUN_FLAGS, "dtype", "flow", "dim", "n_data")
               if k != "clip" and getattr(args, k) is not None}
@@ -190,24 +192,34 @@ def _resume_conflicts(args: argparse.Namespace, run: Path, config: dict[str, Any
 
 
 def _new_run(args: argparse.Namespace) -> tuple[str, str, Target, FitConfig]:
-    if args.flow is None or (args.data is None) == (args.energy is None) or args.out is None:
-        raise ValueError("fit needs --flow, --out and exactly one of --data or --energy (or --resume DIR)")
+    if (args.data is None) == (args.energy is None) or args.out is None:
+        raise ValueError("fit needs --out and exactly one of --data or --energy (or --resume DIR)")
+    if args.flow is None and args.energy is not None:
+        raise ValueError("fit --energy needs --flow (only data have a default flow)")
     if args.trust_code:
         raise ValueError("--trust-code applies to --resume (a new run imports only the --energy you name)")
-    parse_spec(args.flow)
-    _check_spec_size(args.flow)
+    if args.flow is not None:
+        parse_spec(args.flow)
+        _check_spec_size(args.flow)
     value = {k: getattr(args, k) for k in (*_RUN_FLAGS, "dim", "dtype")}
     defaults = {f.name: f.default for f in FitConfig.__dataclass_fields__.values()} | FIT_DEFAULTS
     value = {k: defaults[k] if v is None else v for k, v in value.items()}
     kind, name = ("data", args.data) if args.data is not None else ("energy", args.energy)
+    target = Target.load(kind, name, args.n_data, value["seed"], value["dim"])
+    spec = args.flow
+    if spec is None:
+        spec = default_spec(target.dim)
+        print(f"flowprobe fit: no --flow given; using {spec}, the default for data of dimension {target.dim}",
+              file=sys.stderr)
+    if args.init_source is None:  # a Gaussian source starts at the training split's moments unless told otherwise
+        value["init_source"] = kind == "data" and parse_source(spec) != "normal"
     config = FitConfig(
         steps=value["steps"], lr=value["lr"], batch_size=value["batch_size"], schedule=value["schedule"],
         clip=_clip(value["clip"]), val_fraction=value["val_fraction"] if kind == "data" else 0.0,
         patience=value["patience"], log_every=value["log_every"], checkpoint_every=value["checkpoint_every"],
-        seed=value["seed"], anneal=value["anneal"],
+        seed=value["seed"], anneal=value["anneal"], init_source=value["init_source"],
     )
-    target = Target.load(kind, name, args.n_data, value["seed"], value["dim"])
-    return args.flow, value["dtype"], target, config
+    return spec, value["dtype"], target, config
 
 
 def _fit_command(args: argparse.Namespace) -> int:
@@ -231,8 +243,12 @@ def _fit_command(args: argparse.Namespace) -> int:
     every = config.log_every * max(1, config.steps // 20 // config.log_every)
     progress = Progress(config.steps, offset=log_z or 0.0, every=every)
     with RunWriter(out, mode) as run:
-        history = fit(flow, data=target.data, energy=target.energy, config=config, out=run, callback=progress,
-                      meta=meta)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = fit(flow, data=target.data, energy=target.energy, config=config, out=run, callback=progress,
+                          meta=meta)
+        for warning in caught:  # e.g. how the source's moment initialisation was regularised
+            print(f"flowprobe fit: note: {warning.message}", file=sys.stderr)
         metrics = score(flow, target, config, samples=args.kl_samples)
         figures = [] if args.no_plots else write_figures(flow, target, history.records, run)
         result = {"out": str(out), "flow": spec, "target": target.name, **history.summary(), "metrics": metrics,
@@ -368,7 +384,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``fit``, ``sample``, ``eval`` and ``plot``."""
     defaults = FitConfig()
     p = add_parser(sub, "fit")
-    p.add_argument("--flow", help="flow spec, e.g. planar:32:tanh or sylvester:8:orthogonal:m=2+radial:4")
+    p.add_argument("--flow", help="flow spec, e.g. planar:32:tanh, sylvester:8:orthogonal:m=2+radial:4 or "
+                   "gaussian:full>planar:8 (a trainable source first); default for --data: chosen by dimension")
     p.add_argument("--data", help="toy set, scikit-learn set (digits, iris, wine, breast_cancer) or a .npy/.csv file")
     p.add_argument("--energy", help="U1..U4 (U2-U4 confined in z1) or path/to/file.py:function")
     p.add_argument("--dim", type=_positive_int, help="dimension of a user energy (default 2)")
@@ -393,6 +410,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anneal", type=_finite,
                    help="reverse KL: share of the steps for the inverse-temperature warm-up 0.01 → 1 (0: off; "
                         f"default {defaults.anneal})")
+    p.add_argument("--init-source", action=argparse.BooleanOptionalAction, default=None,
+                   help="data: start a Gaussian source (gaussian:full>… or gaussian:diag>…) at the training "
+                        "split's moments pulled back through the layers (default: on for such sources)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="float32 (default) or float64")
     p.add_argument("--kl-samples", type=_positive_int, default=100_000, help="samples for the final KL / ESS")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
