@@ -11,6 +11,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from flowprobe.layers import native
 from flowprobe.layers.base import FlowLayer, Invertibility, uses_fused_kernels
 from flowprobe.layers.planar import DEFAULT_MIN_SLOPE, check_min_slope, inverse_softplus
 from flowprobe.layers.registry import Option, register
@@ -117,6 +118,9 @@ class Radial(FlowLayer):
             radius = z.new_empty(p.z0.shape[0], z.shape[0])
             x = _steps(z, p, [torch.empty_like(z)] * p.z0.shape[0], radius)  # one x − z0 buffer, reused
             return x, _logdet(z.shape[-1], radius, p.alpha.unsqueeze(-1), p.beta.unsqueeze(-1)).sum(0)
+        module = native.usable(z)
+        if module is not None:
+            return native.NativeRun.apply("radial", module, 0, z, p.z0, p.alpha, p.beta)
         return _RadialRun.apply(z, p.z0, p.alpha, p.beta)
 
     def inverse_run(self, x: Tensor, p: RadialParams) -> tuple[Tensor, Tensor]:
