@@ -243,6 +243,7 @@ class RunWriter(OutputDir):
             raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         super().__init__(path, "fit")
         self.mode = mode
+        self._created = False
 
     @property
     def dir(self) -> Path:
@@ -259,6 +260,7 @@ class RunWriter(OutputDir):
         """
         if self.mode == "resume" and not self.path.is_dir():
             raise FileNotFoundError(f"no run to resume: {self.path} does not exist")
+        self._created = not self.path.exists()
         if self.mode == "new":
             self._refuse_non_empty()  # before anything is created in a user's directory
         if self.mode == "overwrite" and self.path.is_dir():
@@ -296,10 +298,13 @@ class RunWriter(OutputDir):
         self.staged = {}
 
     def close(self) -> None:
-        """Drop a staged run that never reached its first checkpoint, release the lock."""
+        """Drop a staged run that never reached its first checkpoint (and the directory, if this writer
+        created it and it holds nothing else), release the lock."""
         if self.staged is not None and self._fd is not None:
             shutil.rmtree(self.meta / "staging", ignore_errors=True)
             self.staged = None
+            if self._created and not self.entries():
+                shutil.rmtree(self.path, ignore_errors=True)
         super().close()
 
     def claim(self, name: str) -> Path:

@@ -183,10 +183,15 @@ def _resume_conflicts(args: argparse.Namespace, run: Path, config: dict[str, Any
         same = (str(file.resolve()) if file is not None else args.data) == t.get("name")
         if t.get("kind") != "data" or not same:
             raise ValueError(f"--data {args.data} conflicts with the run's target {t.get('name')!r}")
-    if args.energy is not None and t.get("kind") != "energy":
-        raise ValueError(f"--energy {args.energy} conflicts with the run's target {t.get('name')!r}")
-    if args.energy is not None and user_file(args.energy) is None and args.energy != t.get("name"):
-        raise ValueError(f"--energy {args.energy} conflicts with the run's target {t.get('name')!r}")
+    if args.energy is not None:
+        recorded_name = t.get("name") if isinstance(t.get("name"), str) else ""
+        if user_file(args.energy) is not None:  # naming the run's file again: same function, checked by SHA-256
+            same = user_file(recorded_name) is not None and \
+                args.energy.rpartition(":")[2] == recorded_name.rpartition(":")[2]
+        else:
+            same = args.energy == recorded_name
+        if t.get("kind") != "energy" or not same:
+            raise ValueError(f"--energy {args.energy} conflicts with the run's target {recorded_name!r}")
 
 
 def _new_run(args: argparse.Namespace) -> tuple[str, str, Target, FitConfig]:
