@@ -38,6 +38,7 @@ from flowprobe.metrics import nll_per_dim
 from flowprobe.rundir import OutputDir, RunWriter, load_run, run_config
 from flowprobe.spec import build_flow, parse_spec
 from flowprobe.train import FitConfig, fit
+from flowprobe.validation import check_memory
 
 __all__ = ["add_commands"]
 
@@ -45,6 +46,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FIT_DEFAULTS = {"dim": 2, "checkpoint_every": 1000, "seed": 0, "dtype": "float32"}
 """Defaults of ``fit`` options that are not :class:`FitConfig` fields (the parser's are ``None``, so
 that a resume can tell an option given on the command line from one left alone)."""
+SAMPLE_BYTES = 4 * 8  # per sample and dimension: the float64 copy, its text or .npy, and the flow's own
 MAX_REFLECTIONS = 4096
 MAX_HIDDEN = 4096
 
@@ -263,6 +265,7 @@ def _sample_command(args: argparse.Namespace) -> int:
     if (output.exists() or output.is_symlink()) and not args.overwrite:
         raise ValueError(f"{output} exists; pass --overwrite to replace it")
     flow, _ = load_run(args.run)
+    check_memory(SAMPLE_BYTES * args.n * flow.dim, f"-n {args.n} samples of dimension {flow.dim}")
     torch.manual_seed(args.seed)
     x = flow.sample(args.n).to(torch.float64).cpu().numpy()
     atomic_write(output, lambda tmp: _write_array(tmp, x, output.suffix))
