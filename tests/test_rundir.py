@@ -278,3 +278,18 @@ def test_item4_python_resume_refuses_another_flow(tmp_path):
         fp.fit(fp.build_flow("planar:2:tanh", 2), energy=energy, out=tmp_path / "r", resume=True, overwrite=True)
     with pytest.raises(FileNotFoundError, match="no run to resume"):
         RunWriter(tmp_path / "nothing", "resume").open()
+
+
+def test_item3_bookkeeping_cannot_name_files_outside_the_directory(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    meta = tmp_path / "run" / ".flowprobe"
+    meta.mkdir(parents=True)
+    (meta / "commit.json").write_text(json.dumps({"delete": ["../victim.txt"], "move": [], "files": {}}))
+    with pytest.raises(ValueError, match="is not a flowprobe journal"):
+        OutputDir(tmp_path / "run", "test").open()
+    (meta / "commit.json").unlink()
+    (meta / "manifest.json").write_text(json.dumps({"format": 1, "files": {"../victim.txt": None}}))
+    with pytest.raises(ValueError, match="is not a flowprobe manifest"):
+        OutputDir(tmp_path / "run", "test").open()
+    assert victim.read_text() == "mine"

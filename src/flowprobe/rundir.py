@@ -90,6 +90,11 @@ def _holder_text(raw: str) -> str:
         return "another flowprobe process"
 
 
+def _plain_name(name: object) -> bool:
+    """Whether ``name`` names a file directly inside the directory (no path, not the bookkeeping)."""
+    return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..", META)
+
+
 class OutputDir:
     """A directory flowprobe writes files into, locked for the life of the writer.
 
@@ -147,8 +152,12 @@ class OutputDir:
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "since": since})
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
-        self.files = self._read_manifest()
-        self._finish_commit()
+        try:
+            self.files = self._read_manifest()
+            self._finish_commit()
+        except BaseException:
+            self.close()
+            raise
         for path in self.path.iterdir():
             if is_temporary(path):  # left by a killed writer of ours; never read by anyone
                 path.unlink(missing_ok=True)
@@ -165,7 +174,8 @@ class OutputDir:
             return {}
         manifest = read_json(path)
         files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict) or not all(isinstance(v, str | None) for v in files.values()):
+        if not isinstance(files, dict) or not all(isinstance(v, str | None) for v in files.values()) \
+                or not all(_plain_name(n) for n in files):
             raise CorruptFileError(f"{path} is not a flowprobe manifest")
         return files
 
@@ -176,7 +186,12 @@ class OutputDir:
         """Finish moving a staged run in if a writer was killed while doing it."""
         journal_path = self.meta / "commit.json"
         if journal_path.is_file():
-            self._apply(read_json(journal_path))
+            journal = read_json(journal_path)
+            names = [*journal.get("delete", []), *journal.get("move", []), *journal.get("files", {})] \
+                if isinstance(journal, dict) else [None]
+            if not all(_plain_name(n) for n in names) or not isinstance(journal.get("files"), dict):
+                raise CorruptFileError(f"{journal_path} is not a flowprobe journal (names outside the directory?)")
+            self._apply(journal)
 
     def _apply(self, journal: dict[str, Any]) -> None:
         """Delete the old run's files, move the staged ones in, record them (idempotent)."""
