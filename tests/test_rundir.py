@@ -55,7 +55,7 @@ def _users_files(directory):
 # -- item 1: data loss ---------------------------------------------------------------------------------
 
 
-def test_item1_a_directory_of_the_users_files_is_refused_and_left_alone(tmp_path):
+def test_item1_a_directory_of_the_users_files_is_refused_and_left_alone(tmp_path, capsys):
     out = tmp_path / "mine"
     _users_files(out)
     before = _digest(out)
@@ -64,9 +64,8 @@ def test_item1_a_directory_of_the_users_files_is_refused_and_left_alone(tmp_path
     assert proc.stderr.strip().splitlines() == [
         f"flowprobe fit: error: {out} is not empty; pass --resume to continue the run there or --overwrite to "
         "replace it (files flowprobe did not write are kept)"]
-    proc = _run("fit", "--flow", "planar:2:tanh", "--energy", "U1", "--out", str(out), "--overwrite", *QUICK)
-    assert proc.returncode == 2
-    assert f"{out / 'config.json'} was not written by flowprobe" in proc.stderr
+    assert main(["fit", "--flow", "planar:2:tanh", "--energy", "U1", "--out", str(out), "--overwrite", *QUICK]) == 2
+    assert f"{out / 'config.json'} was not written by flowprobe" in _error(capsys)
     assert _digest(out) == before  # not one byte changed, nothing created
     assert sorted(p.name for p in out.iterdir()) == [".notes.tmp", "config.json", "history.jsonl", "results.json"]
 
