@@ -33,10 +33,11 @@ class RadialParams(NamedTuple):
 def source_radius(y_norm: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     """``r = ‖z − z0‖`` from ``ŷ = ‖x − z0‖``: the non-negative root of ``r² + (α + β − ŷ) r − αŷ = 0``.
 
-    Computed without cancellation (``2αŷ/(l + √D)`` when ``l = α + β − ŷ > 0``, else ``(√D − l)/2``).
+    Computed without cancellation (``2αŷ/(l + √D)`` when ``l = α + β − ŷ > 0``, else ``(√D − l)/2``)
+    and without overflow (``√D`` as a hypotenuse), so float32 points at ``1e30`` stay finite.
     """
     lin = alpha + beta - y_norm
-    disc = torch.sqrt(lin * lin + 4 * alpha * y_norm)
+    disc = torch.hypot(lin, 2 * torch.sqrt(alpha * y_norm))  # √(l² + 4αŷ) without overflowing l²
     return torch.where(lin > 0, 2 * alpha * y_norm / (lin + disc), (disc - lin) / 2)
 
 
