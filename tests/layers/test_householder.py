@@ -31,7 +31,8 @@ def test_bad_reflection_counts_are_named(count):
 def test_reflections_of_tiny_and_huge_vectors_stay_orthogonal(scale):
     """``v`` of 1e-155 made ‖v‖² underflow: the 'reflection' was no longer orthogonal (log-det off by 0.2)."""
     layer = fp.Householder(3, reflections=3).double()
-    set_raw(layer, {"v": torch.full((3, 3), scale) * torch.tensor([[1.0, 2.0, 3.0]])})
+    pattern = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    set_raw(layer, {"v": torch.full((3, 3), scale, dtype=torch.float64) * pattern})
     z = torch.randn(6, 3, dtype=torch.float64)
     x, logdet = layer(z)
     assert (logdet - autograd_logdet(layer, z)).abs().max() < 1e-12
