@@ -238,7 +238,10 @@ def test_command_line_default_flow_init_source_resume_and_reading_back(tmp_path,
     metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert metrics["nll_flow"] == pytest.approx(nll_per_dim(flow, split_data(load_data("iris"), 0.1, 0)[1]))
     assert main(["sample", str(out), "-n", "5", "--output", str(tmp_path / "s.npy")]) == 0
+    assert np.load(tmp_path / "s.npy").shape == (5, 4)
     capsys.readouterr()
+    assert main(["plot", str(out), "--out", str(tmp_path / "figures"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["figures"]) >= 1
     for args, message in (
         (["fit", "--resume", str(out), "--no-init-source"], "--init-source False conflicts with the run's True"),
         (["fit", "--resume", str(out), "--flow", "gaussian:diag>radial:8"], "conflicts with the run's"),

@@ -73,19 +73,22 @@ def _stop_at(step):
     return callback
 
 
-@pytest.mark.parametrize("target", ["energy", "data"])
-def test_resume_is_bit_identical(tmp_path, target):
+@pytest.mark.parametrize(("target", "spec"), [("energy", "planar:4:tanh"), ("data", "planar:4:tanh"),
+                                              ("data", "gaussian:full>planar:4:tanh")])
+def test_resume_is_bit_identical(tmp_path, target, spec):
+    """A trainable source initialised at the data's moments resumes from its checkpoint, not re-initialised."""
     kwargs = {"energy": rezende_energy("U3")} if target == "energy" else {"data": load_data("moons", 500)}
-    settings = {"steps": 60, "log_every": 10, "checkpoint_every": 20, "seed": 5}
-    reference = _flow()
+    settings = {"steps": 60, "log_every": 10, "checkpoint_every": 20, "seed": 5,
+                "init_source": spec.startswith("gaussian")}
+    reference = _flow(spec)
     full = fit(reference, out=tmp_path / "a", **kwargs, **settings)
-    interrupted = _flow()
+    interrupted = _flow(spec)
     with pytest.raises(_StopTrainingError):
         fit(interrupted, out=tmp_path / "b", callback=_stop_at(50), **kwargs, **settings)
     state = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
     assert state["step"] == 40 and state["history_length"] == 4
     assert len((tmp_path / "b" / "history.jsonl").read_text().splitlines()) == 5  # one line past the checkpoint
-    resumed = _flow(seed=123)  # different initial weights: everything must come from the checkpoint
+    resumed = _flow(spec, seed=123)  # different initial weights: everything must come from the checkpoint
     history = fit(resumed, out=tmp_path / "b", resume=True, **kwargs, **settings)
     for p, q in zip(reference.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
