@@ -54,11 +54,11 @@ def grid(dim: int) -> list[str]:
     neurons ``m`` grow with the dimension)."""
     m = min(dim, max(2, dim // 8))
     return list(dict.fromkeys([
-        default_spec(dim),
+        "gaussian:full>radial:8",
         "gaussian:full>radial:16",
         "gaussian:full>planar:16:tanh:umax=0.5",
         f"gaussian:full>sylvester:8:orthogonal:m={m}",
-        f"gaussian:full>sylvester:4:orthogonal:m={m}+radial:8",
+        default_spec(dim),  # gaussian:full>sylvester:4:orthogonal:m={m}+radial:8
     ]))
 
 

@@ -166,7 +166,9 @@ def test_specs_name_a_source_and_stay_backward_compatible():
                           ("normal>normal>planar:2", "unknown source 'normal>normal'")):
         with pytest.raises(ValueError, match=message):
             fp.build_flow(spec, 2)
-    assert default_spec(13).startswith("gaussian:full>")
+    assert default_spec(64) == "gaussian:full>sylvester:4:orthogonal:m=8+radial:8"
+    assert default_spec(2) == "gaussian:full>sylvester:4:orthogonal:m=2+radial:8"
+    assert default_spec(5000).startswith("gaussian:diag>")
 
 
 def test_fit_with_init_source_starts_from_the_gaussian_and_never_ends_worse_on_validation():
