@@ -3,6 +3,7 @@
     python examples/recipes.py                      # everything: the README's table (wall time in the README)
     python examples/recipes.py --sets iris wine     # some data sets
     python examples/recipes.py --json recipes.json  # every spec's numbers, not just the best
+    python examples/recipes.py --tables recipes.json  # the tables again, from a saved run
 
 Protocol (docs/density.md, "Recipes"):
 
@@ -35,7 +36,7 @@ import torch
 
 import flowprobe as fp
 from flowprobe.data import REAL_SETS, load_data, toy_data
-from flowprobe.io import write_json
+from flowprobe.io import read_json, write_json
 from flowprobe.metrics import gaussian_nll, kde_nll, nll_per_dim
 from flowprobe.spec import default_spec
 from flowprobe.train import FitConfig, split_data
@@ -101,6 +102,32 @@ def versus(flow: list[float], gauss: list[float]) -> tuple[str, bool]:
     return f"{mean:+.3f} ± {std:.3f}", mean > 2 * std / math.sqrt(len(delta))
 
 
+def tables(results: dict) -> str:
+    """The README's table (the recipe of each data set, the default spec beside it) and the table of every
+    spec, as markdown, from the results :func:`main` collects (or writes with ``--json``)."""
+    settings = results["settings"]
+    seeds = settings["seeds"]
+    best_rows, all_rows = [], []
+    for name, result in results.items():
+        if name == "settings":
+            continue
+        runs = {run["spec"]: run for run in result["runs"]}
+        best, default = runs[result["best"]], runs[default_spec(result["dim"])]
+        best_rows.append(f"| {name} | {result['dim']} | `{best['spec'].removeprefix('gaussian:full>')}` | "
+                         f"{mean_std(best['test'])} | {mean_std(default['test'])} | {mean_std(result['gaussian'])} | "
+                         f"{mean_std(result['kde'])} | {best['seconds']:.0f} s |")
+        all_rows += [f"| {name} | `{run['spec'].removeprefix('gaussian:full>')}` | {mean_std(run['test'])} | "
+                     f"{run['delta']} | {'**yes**' if run['loses'] else 'no'} | {run['seconds']:.0f} s |"
+                     for run in result["runs"]]
+    return "\n".join([
+        f"| data | d | recipe (lowest validation NLL) | its NLL | default spec's NLL | Gaussian | KDE | recipe's time "
+        f"({len(seeds)} seeds) |", "|---|---|---|---|---|---|---|---|", *best_rows, "",
+        "| data | spec | flow | Δ = flow − Gaussian | loses | train time |", "|---|---|---|---|---|---|", *all_rows, "",
+        f"Held-out NLL in nats/dim, mean ± std over seeds {seeds}; every spec behind `gaussian:full>`, at most "
+        f"{settings['config']['steps']} steps; total wall time {settings['seconds'] / 60:.1f} min.",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
@@ -108,44 +135,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=CONFIG.steps)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the ops are small)")
     parser.add_argument("--json", help="write every spec's numbers here")
+    parser.add_argument("--tables", metavar="JSON", help="only print the tables of a run saved with --json")
     args = parser.parse_args()
+    if args.tables:
+        print(tables(read_json(args.tables)))
+        return
     if len(args.seeds) < 2:
         parser.error("give at least two seeds (a spread needs two)")
     torch.set_num_threads(args.threads)
     config = dataclasses.replace(CONFIG, steps=args.steps)
     seeds = tuple(args.seeds)
-    started, results, best_rows, all_rows = time.perf_counter(), {}, [], []
+    started, results = time.perf_counter(), {}
     for name in args.sets:
         rest, test = split(name)
         base = baselines(rest, test, seeds, config)
-        gauss, kde = mean_std(base["gaussian"]), mean_std(base["kde"])
         print(f"{name} (d = {rest.shape[1]}, {rest.shape[0]} rows to train and validate on, {test.shape[0]} test "
-              f"points): Gaussian {gauss}, KDE {kde}", flush=True)
+              f"points): Gaussian {mean_std(base['gaussian'])}, KDE {mean_std(base['kde'])}", flush=True)
         runs = []
         for spec in grid(rest.shape[1]):
             run = run_spec(spec, rest, test, seeds, config)
             run["delta"], run["loses"] = versus(run["test"], base["gaussian"])
             runs.append(run)
-            verdict = "LOSES to the Gaussian" if run["loses"] else ""
             print(f"  {spec:52s} test {mean_std(run['test'])}  Δ {run['delta']}  val "
-                  f"{statistics.mean(run['val']):.3f}  best steps {run['best_step']}  ({run['seconds']:.0f} s) "
-                  f"{verdict}", flush=True)
-            all_rows.append(f"| {name} | `{spec}` | {mean_std(run['test'])} | {run['delta']} | "
-                            f"{'**yes**' if run['loses'] else 'no'} | {run['seconds']:.0f} s |")
+                  f"{statistics.mean(run['val']):.3f}  best steps {run['best_step']}  ({run['seconds']:.0f} s)"
+                  f"{'  LOSES to the Gaussian' if run['loses'] else ''}", flush=True)
         best = min(runs, key=lambda r: statistics.mean(r["val"]))
         results[name] = {"dim": rest.shape[1], **base, "runs": runs, "best": best["spec"]}
-        best_rows.append(f"| {name} | {rest.shape[1]} | `{best['spec']}` | {mean_std(best['test'])} | {gauss} | "
-                         f"{kde} | {best['seconds']:.0f} s |")
-    total = time.perf_counter() - started
-    print(f"\n| data | d | recipe (lowest validation NLL) | flow | Gaussian | KDE | train time ({len(seeds)} seeds) |"
-          "\n|---|---|---|---|---|---|---|")
-    print("\n".join(best_rows))
-    print("\n| data | spec | flow | Δ = flow − Gaussian | loses | train time |\n|---|---|---|---|---|---|")
-    print("\n".join(all_rows))
-    print(f"\nheld-out NLL in nats/dim, mean ± std over seeds {list(seeds)}; at most {config.steps} steps; total wall "
-          f"time {total / 60:.1f} min ({args.threads} thread(s))")
+    results["settings"] = {"seeds": list(seeds), "config": dataclasses.asdict(config),
+                           "seconds": time.perf_counter() - started, "threads": args.threads}
+    print("\n" + tables(results))
     if args.json:
-        results["settings"] = {"seeds": list(seeds), "config": dataclasses.asdict(config), "seconds": total}
         write_json(args.json, results)
 
 
