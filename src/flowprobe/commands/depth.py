@@ -77,10 +77,11 @@ def _emit(args: argparse.Namespace, document: dict[str, Any], lines: list[str]) 
 def _figure(out: OutputDir | None, found: list[dx.ConfigurationBracket]) -> list[str]:
     if out is None or not found:
         return []
+    path = out.claim(FIGURE)  # refused before drawing if the name is the user's
     from flowprobe.plots import save_figure
     from flowprobe.theory.depth_figures import bracket_figure
 
-    return [str(save_figure(bracket_figure(found), out.claim(FIGURE)))]
+    return [str(save_figure(bracket_figure(found), path))]
 
 
 # -- sweeping -----------------------------------------------------------------------------------------
@@ -96,6 +97,11 @@ def _sweep_and_report(args: argparse.Namespace, sweep: Sweep) -> int:
     dims = [run.params["d"] for run in sweep]
     dx.check_sizes(max(dims), len(sweep.fixed["seeds"]), _training(args))
     store = Path(args.store)
+    if store.is_file():
+        with Store(store, readonly=True) as db:
+            name = db.meta.get("name")
+        if name not in (None, sweep.name):
+            raise CliError(f"{store} holds the sweep {name!r}, not {sweep.name!r}: give another --store")
     with OutputDir(Path(args.figures), "depth") if args.figures else contextlib.nullcontext() as out:
         if out is not None:
             out.claim(FIGURE)  # refused now, before the sweep, if the name is the user's
@@ -140,7 +146,7 @@ def _report(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise CliError(f"no store at {path}")
     with Store(path, readonly=True) as db:
-        rows, meta = db.rows(), db.meta()
+        rows, meta = db.rows(), db.meta
     found = dx.brackets(rows)
     if not found:
         raise CliError(f"{path} holds no depth runs (sweep {meta.get('name')!r}, {len(rows)} rows)")

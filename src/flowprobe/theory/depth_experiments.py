@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from flowprobe.distributions import Density
 from flowprobe.flow import Flow
 from flowprobe.layers import FlowLayer
 from flowprobe.spec import MAX_LAYERS, build_layers, parse_spec
@@ -53,6 +54,7 @@ __all__ = [
     "measure_depth",
     "pair_sweep",
     "planar_sweep",
+    "seeded_ensemble",
     "theory_of",
     "train_members",
 ]
@@ -164,28 +166,47 @@ def check_sizes(dim: int, members: int, training: Training, device: torch.device
                  f"training and {min(training.tv_samples, CHUNK)} TV points at a time", device)
 
 
+def seeded_ensemble(spec: str, base: Density, seeds: Sequence[int]) -> Flow:
+    """An ensemble flow on ``base`` whose member ``i`` has the initial values of ``Flow(base,
+    build_layers(spec, d))`` built right after ``torch.manual_seed(seeds[i])``, in ``base``'s dtype and device.
+
+    (:func:`~flowprobe.build_flow` with ``ensemble=E`` draws the members one after the other from one
+    generator instead; this one makes every member reproducible on its own.) Leaves torch's global
+    generator changed.
+    """
+    seeds = _check_seeds(seeds)
+    flow = Flow(base, build_layers(spec, base.dim, ensemble=len(seeds))).to(base.anchor)
+    with torch.no_grad():
+        for i, seed in enumerate(seeds):
+            torch.manual_seed(seed)
+            for stack, solo in zip(flow.stacks, build_layers(spec, base.dim), strict=True):
+                for name, value in solo.named_parameters(recurse=False):
+                    getattr(stack, name)[i].copy_(value)
+    return flow
+
+
 def train_members(family: str, pair: Pair, depth: int, seeds: Sequence[int], data: torch.Tensor,
                   training: Training) -> tuple[Flow, list[Any]]:
     """An ensemble of ``depth`` layers of ``family`` on ``pair.source``, one member per seed, trained on ``data``.
 
     Member ``i`` is initialised from ``torch.manual_seed(seeds[i])`` and trained with ``seed=seeds[i]``, so it
     equals the flow ``Flow(pair.source, build_layers(spec, d))`` built after that seed and trained alone on
-    the same data. Uses (and leaves changed) torch's global generator.
+    the same data. A member whose training diverged is reset to its initial values, so that the ensemble
+    can still be evaluated (its numbers are not to be reported). Uses (and leaves changed) torch's global
+    generator.
 
     Returns:
         The ensemble flow and one :class:`~flowprobe.train.History` per member.
     """
-    spec, dim = family_spec(family, depth), pair.dim
-    anchor = pair.source.anchor
-    flow = Flow(pair.source, build_layers(spec, dim, ensemble=len(seeds))).to(anchor)
-    with torch.no_grad():
-        for i, seed in enumerate(seeds):
-            torch.manual_seed(seed)
-            for stack, solo in zip(flow.stacks, build_layers(spec, dim), strict=True):
-                for name, value in solo.named_parameters(recurse=False):
-                    getattr(stack, name)[i].copy_(value)
+    flow = seeded_ensemble(family_spec(family, depth), pair.source, seeds)
+    initial = [p.detach().clone() for p in flow.parameters()]
     histories = fit(flow, data=data, seeds=seeds, steps=training.steps, lr=training.lr,
                     batch_size=training.batch_size, log_every=max(1, min(50, training.steps)))
+    with torch.no_grad():  # a diverged member may hold non-finite values: back to its start, never reported
+        for i, history in enumerate(histories):
+            if history.failed is not None:
+                for param, start in zip(flow.parameters(), initial, strict=True):
+                    param[i].copy_(start[i])
     return flow, histories
 
 
