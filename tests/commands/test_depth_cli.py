@@ -151,6 +151,8 @@ def test_bad_input_is_one_line_with_status_2(capsys, tmp_path):
                                     "--target", "normal", "--dim", "2", *common)
     assert "u_max must be a positive number" in fail(capsys, "planar", "--dims", "2", "--umax", "nan", *common)
     assert "seeds must differ" in fail(capsys, "householder", "--dims", "2", "--seeds", "1,1", *common)
+    assert "parameters, more than 1e+09" in fail(capsys, "householder", "--dims", "4096", "--depths", "9000",
+                                                 "--seeds", ",".join(map(str, range(64))), *common)
     assert "needs about" in fail(capsys, "householder", "--dims", "4096", "--seeds", ",".join(map(str, range(256))),
                                  "--tv-samples", "100000000", "--store", store, "--no-progress")
     assert run_json(capsys, "householder", "--dims", "2", "--depths", "0", *common)["summary"]["ran"] == 1

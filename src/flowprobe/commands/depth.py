@@ -94,8 +94,11 @@ def _training(args: argparse.Namespace) -> dx.Training:
 
 def _sweep_and_report(args: argparse.Namespace, sweep: Sweep) -> int:
     """Run ``sweep`` into ``--store`` and print the brackets of its runs."""
-    dims = [run.params["d"] for run in sweep]
-    dx.check_sizes(max(dims), len(sweep.fixed["seeds"]), _training(args))
+    deepest: dict[int, int] = {}
+    for run in sweep:
+        deepest[run.params["d"]] = max(deepest.get(run.params["d"], 0), run.params["depth"])
+    for dim, depth in deepest.items():
+        dx.check_sizes(sweep.fixed["family"], dim, depth, len(sweep.fixed["seeds"]), _training(args))
     store = Path(args.store)
     if store.is_file():
         with Store(store, readonly=True) as db:

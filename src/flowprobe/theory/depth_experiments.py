@@ -32,6 +32,7 @@ import torch
 from flowprobe.distributions import Density
 from flowprobe.flow import Flow
 from flowprobe.layers import FlowLayer
+from flowprobe.layers.base import MAX_RAW_VALUES
 from flowprobe.spec import MAX_LAYERS, build_layers, parse_spec
 from flowprobe.sweep import SEED_PARAM, Sweep
 from flowprobe.theory.depth import Bracket, DepthOutcome, DepthTheory, bracket, depth_theory
@@ -48,6 +49,7 @@ __all__ = [
     "Training",
     "brackets",
     "check_family",
+    "check_sizes",
     "depth_run",
     "family_spec",
     "householder_sweep",
@@ -155,15 +157,22 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
     return seeds
 
 
-def check_sizes(dim: int, members: int, training: Training, device: torch.device | str = "cpu") -> None:
-    """Refuse a configuration whose training data and TV draws cannot fit in the memory available now.
+def check_sizes(family: str, dim: int, depth: int, members: int, training: Training,
+                device: torch.device | str = "cpu") -> None:
+    """Refuse a configuration whose flows, training data and TV draws cannot fit in the memory available now
+    (the parameters count four times: values, gradients and Adam's two moments).
 
     Raises:
-        ValueError: naming the estimate and what is available.
+        ValueError: naming the estimate and what is available, or too many parameters.
     """
-    values = dim * (training.train_samples + members * min(training.tv_samples, CHUNK) + CHUNK)
-    check_memory(values * _BYTES_PER_VALUE, f"{members} flows in dimension {dim} with {training.train_samples} "
-                 f"training and {min(training.tv_samples, CHUNK)} TV points at a time", device)
+    parameters = members * depth * _layer(family, dim).raw_numel
+    if parameters > MAX_RAW_VALUES:
+        raise ValueError(f"{members} flows of {depth} layers of {family} in dimension {dim} have {parameters:.3g} "
+                         f"parameters, more than {MAX_RAW_VALUES:.0e}")
+    points = dim * (training.train_samples + members * min(training.tv_samples, CHUNK) + CHUNK)
+    check_memory(points * _BYTES_PER_VALUE + 4 * parameters * 8, f"{members} flows of {depth} layers in dimension "
+                 f"{dim} with {training.train_samples} training and {min(training.tv_samples, CHUNK)} TV points at a "
+                 "time", device)
 
 
 def seeded_ensemble(spec: str, base: Density, seeds: Sequence[int]) -> Flow:
@@ -243,7 +252,7 @@ def measure_depth(family: str, pair: Pair, depth: int, seeds: Sequence[int], eps
     seeds = _check_seeds(seeds)
     theory = theory_of(family, pair)
     anchor = pair.source.anchor
-    check_sizes(pair.dim, len(seeds), training, anchor.device)
+    check_sizes(family, pair.dim, depth, len(seeds), training, anchor.device)
     devices = [anchor.device] if anchor.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         if depth == 0:
