@@ -122,7 +122,7 @@ def test_kill_9_then_rerun_completes_only_the_missing_runs(capsys, tmp_path):
     importlib.util.find_spec("ray") is None and not RAY_REQUIRED,
     reason="Ray is not installed (pip install 'flowprobe[ray]'); CI installs it and runs this test",
 )
-def test_ray_gives_the_rows_of_the_local_path(tmp_path):
+def test_ray_gives_the_rows_of_the_local_path(ray_local, tmp_path):
     sweep = dx.householder_sweep((2,), 0.1, (0, 1), dx.Training(steps=50, train_samples=1024, tv_samples=2000),
                                  depths=(0, 1))
     local, ray = tmp_path / "local.sqlite", tmp_path / "ray.sqlite"
@@ -153,8 +153,8 @@ def test_bad_input_is_one_line_with_status_2(capsys, tmp_path):
     assert "seeds must differ" in fail(capsys, "householder", "--dims", "2", "--seeds", "1,1", *common)
     assert "parameters, more than 1e+09" in fail(capsys, "householder", "--dims", "4096", "--depths", "9000",
                                                  "--seeds", ",".join(map(str, range(64))), *common)
-    assert "needs about" in fail(capsys, "householder", "--dims", "4096", "--seeds", ",".join(map(str, range(256))),
-                                 "--tv-samples", "100000000", "--store", store, "--no-progress")
+    assert "needs about" in fail(capsys, "householder", "--dims", "4096", "--depths", "1", "--train-samples",
+                                 "100000000", "--store", store, "--no-progress")
     assert run_json(capsys, "householder", "--dims", "2", "--depths", "0", *common)["summary"]["ran"] == 1
     refused = fail(capsys, "planar", "--dims", "2", "--depths", "0", *common)
     assert "holds the sweep 'depth-householder', not 'depth-planar': give another --store" in refused
