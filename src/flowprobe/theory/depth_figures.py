@@ -28,7 +28,7 @@ def bracket_figure(found: Sequence[ConfigurationBracket], title: str | None = No
     series = sorted({str(c.params.get("series", c.params.get("family"))) for c in found})
     if not series:
         raise ValueError("no depth runs to draw")
-    fig, axes = plt.subplots(1, len(series), figsize=(4.6 * len(series), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(series), figsize=(max(6.4, 4.6 * len(series)), 4.0), squeeze=False)
     for ax, name in zip(axes[0], series, strict=True):
         group = sorted((c for c in found if str(c.params.get("series", c.params.get("family"))) == name),
                        key=lambda c: c.params.get("d") or 0)
