@@ -367,13 +367,13 @@ def test_householder_brackets_close_at_d_over_2_in_6_and_8_dimensions(tmp_path):
 @pytest.mark.slow
 def test_bounded_planar_upper_bounds_respect_the_lower_bound_and_grow_with_r(tmp_path):
     path = tmp_path / "planar.sqlite"
-    run_sweep(dx.planar_sweep((2, 4, 8), (0.5, 1.0)), path, workers=2, progress=False)
+    run_sweep(dx.planar_sweep((2, 4, 8, 16), (0.5, 1.0), seeds=(0, 1, 2)), path, workers=2, progress=False)
     with Store(path, readonly=True) as store:
         found = dx.brackets(store.rows())
-    assert len(found) == 6
+    assert len(found) == 8
     by_r = sorted(found, key=lambda c: float(c.params["target"].split(":")[1]))
     uppers = [c.bracket.upper for c in by_r]
     assert None not in uppers and uppers == sorted(uppers)
     assert all(c.bracket.upper >= c.bracket.lower and not c.bracket.contradiction for c in found)
     kappa_one = [c.bracket.upper for c in found if c.params["series"] == "κ=1"]
-    assert kappa_one == sorted(set(kappa_one))  # strictly increasing: R = 2, 4, 8
+    assert kappa_one == sorted(set(kappa_one))  # strictly increasing: R = 2, 4, 8, 16
