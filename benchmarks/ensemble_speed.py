@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     if have_normflows:
         seconds["normflows sequential"], _ = timed(lambda: [normflows_run(s, steps) for s in seeds])
     difference = max(
-        float((a - b).abs().max())
+        float((a - b).detach().abs().max())
         for i, solo in enumerate(solos)
         for a, b in zip(ensemble.member(i).parameters(), solo.parameters(), strict=True)
     )

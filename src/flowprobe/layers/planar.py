@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from flowprobe.activations import ACTIVATIONS, Activation, get_activation
 from flowprobe.layers import native
-from flowprobe.layers.base import FlowLayer, Invertibility, inner, uses_fused_kernels
+from flowprobe.layers.base import FlowLayer, Invertibility, fused_kernels_allowed, inner, uses_fused_kernels
 from flowprobe.layers.registry import Option, activation_option, register
 from flowprobe.layers.scalar import (
     eager,
@@ -147,6 +147,8 @@ class Planar(FlowLayer):
 
     def forward_run(self, z: Tensor, p: PlanarParams) -> tuple[Tensor, Tensor]:
         if not uses_fused_kernels(z, p.u.dim() == 2):
+            if _members(z, p) and needs_grad(z, p) and fused_kernels_allowed():
+                return _PlanarMembersRun.apply(z, *(t.squeeze(2) for t in p), self.act)
             return super().forward_run(z, p)
         if not needs_grad(z, p):
             return _forward_eval(z, p, self.act)
@@ -266,6 +268,54 @@ class _PlanarRun(torch.autograd.Function):
             torch.mv(g.t(), hidden[i], out=grad_u[i])
             g = torch.addr(g, d_pre_i, ws[i])
         return g, grad_u, weighted_sums(d_pre, inputs), d_pre.sum(1), grad_wu, None
+
+
+# -- the forward kernel of an ensemble's runs: u, w (K, E, d), b, α (K, E), points (E, N, d) ---------
+def _members(z: Tensor, p: PlanarParams) -> bool:
+    """Whether ``p`` (run layout) holds one parameter set per member of an ensemble of points ``z``
+    ``(E, N, d)``: ``û, w`` ``(K, E, 1, d)``, ``b, α`` ``(K, E, 1)``."""
+    if z.dim() != 3:
+        return False
+    members = (p.u.shape[0], z.shape[0], 1)
+    return p.u.shape == p.w.shape == (*members, z.shape[-1]) and p.b.shape == p.wu.shape == members
+
+
+class _PlanarMembersRun(torch.autograd.Function):
+    """:class:`_PlanarRun` for the ``E`` members of an ensemble at once: each layer is three batched ops
+    over the members (``pre = b + x w``, ``h(pre)``, ``x ← x + h(pre) ûᵀ``) forward and four backward,
+    whatever ``E``; same formulas, member by member."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, u: Tensor, w: Tensor, b: Tensor, wu: Tensor, act: Activation) -> Any:
+        k, (e, n, d) = u.shape[0], z.shape
+        inputs = z.new_empty(k, e, n, d)
+        inputs[0] = z
+        pre = z.new_empty(k, e, n, 1)
+        points = inputs.unbind(0)
+        for i in range(k):
+            torch.baddbmm(b[i].view(e, 1, 1), points[i], w[i].unsqueeze(-1), out=pre[i])
+            x = torch.baddbmm(points[i], act.fn(pre[i]), u[i].unsqueeze(1), out=points[i + 1] if i + 1 < k else None)
+        pre = pre.squeeze(-1)
+        ctx.save_for_backward(inputs, pre, u, w, wu)
+        ctx.act = act
+        return x, log_slopes(pre, wu, act)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_x: Tensor, grad_logdet: Tensor) -> tuple:
+        inputs, pre, u, w, wu = ctx.saved_tensors
+        k, e, n, d = inputs.shape
+        slope, d_pre, grad_wu = (t.view(k, e, *t.shape[1:]) for t in log_slopes_grads(
+            pre.flatten(0, 1), wu.flatten(), grad_logdet.expand(k, e, n).flatten(0, 1), ctx.act))
+        hidden = ctx.act.fn(pre)
+        grad_u = u.new_empty(u.shape)
+        g = grad_x
+        for i in range(k - 1, -1, -1):
+            d_pre_i = d_pre[i].addcmul_(slope[i], torch.bmm(g, u[i].unsqueeze(-1)).squeeze(-1))
+            torch.bmm(hidden[i].unsqueeze(1), g, out=grad_u[i].unsqueeze(1))
+            g = torch.baddbmm(g, d_pre_i.unsqueeze(-1), w[i].unsqueeze(1))
+        grad_w = weighted_sums(d_pre.flatten(0, 1), inputs.flatten(0, 1)).view(k, e, d)
+        return g, grad_u, grad_w, d_pre.sum(-1), grad_wu, None
 
 
 def _roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
