@@ -281,41 +281,44 @@ def _members(z: Tensor, p: PlanarParams) -> bool:
 
 
 class _PlanarMembersRun(torch.autograd.Function):
-    """:class:`_PlanarRun` for the ``E`` members of an ensemble at once: each layer is three batched ops
-    over the members (``pre = b + x w``, ``h(pre)``, ``x ← x + h(pre) ûᵀ``) forward and four backward,
-    whatever ``E``; same formulas, member by member."""
+    """:class:`_PlanarRun` for the ``E`` members of an ensemble at once, same formulas member by member.
+
+    Points are kept as ``(E, d, N)`` (points innermost, so that every op runs along ``N`` whatever ``d``),
+    and each layer is three batched ops over the members forward (``pre = b + wᵀx``, ``h(pre)``,
+    ``x ← x + û h(pre)``) and four backward, whatever ``E``.
+    """
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, u: Tensor, w: Tensor, b: Tensor, wu: Tensor, act: Activation) -> Any:
         k, (e, n, d) = u.shape[0], z.shape
-        inputs = z.new_empty(k, e, n, d)
-        inputs[0] = z
-        pre = z.new_empty(k, e, n, 1)
+        inputs = z.new_empty(k, e, d, n)
+        inputs[0] = z.transpose(1, 2)
+        pre = z.new_empty(k, e, 1, n)
         points = inputs.unbind(0)
         for i in range(k):
-            torch.baddbmm(b[i].view(e, 1, 1), points[i], w[i].unsqueeze(-1), out=pre[i])
-            x = torch.baddbmm(points[i], act.fn(pre[i]), u[i].unsqueeze(1), out=points[i + 1] if i + 1 < k else None)
-        pre = pre.squeeze(-1)
+            torch.baddbmm(b[i].view(e, 1, 1), w[i].unsqueeze(1), points[i], out=pre[i])
+            x = torch.addcmul(points[i], u[i].unsqueeze(-1), act.fn(pre[i]), out=points[i + 1] if i + 1 < k else None)
+        pre = pre.squeeze(2)
         ctx.save_for_backward(inputs, pre, u, w, wu)
         ctx.act = act
-        return x, log_slopes(pre, wu, act)
+        return x.transpose(1, 2), log_slopes(pre, wu, act)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_x: Tensor, grad_logdet: Tensor) -> tuple:
         inputs, pre, u, w, wu = ctx.saved_tensors
-        k, e, n, d = inputs.shape
+        k, e, d, n = inputs.shape
         slope, d_pre, grad_wu = (t.view(k, e, *t.shape[1:]) for t in log_slopes_grads(
             pre.flatten(0, 1), wu.flatten(), grad_logdet.expand(k, e, n).flatten(0, 1), ctx.act))
         hidden = ctx.act.fn(pre)
         grad_u = u.new_empty(u.shape)
-        g = grad_x
+        g = grad_x.transpose(1, 2)  # ∂L/∂(output of layer i), (E, d, N)
         for i in range(k - 1, -1, -1):
-            d_pre_i = d_pre[i].addcmul_(slope[i], torch.bmm(g, u[i].unsqueeze(-1)).squeeze(-1))
-            torch.bmm(hidden[i].unsqueeze(1), g, out=grad_u[i].unsqueeze(1))
-            g = torch.baddbmm(g, d_pre_i.unsqueeze(-1), w[i].unsqueeze(1))
-        grad_w = weighted_sums(d_pre.flatten(0, 1), inputs.flatten(0, 1)).view(k, e, d)
-        return g, grad_u, grad_w, d_pre.sum(-1), grad_wu, None
+            d_pre_i = d_pre[i].addcmul_(slope[i], torch.bmm(u[i].unsqueeze(1), g).squeeze(1))
+            torch.bmm(g, hidden[i].unsqueeze(-1), out=grad_u[i].unsqueeze(-1))
+            g = torch.addcmul(g, w[i].unsqueeze(-1), d_pre_i.unsqueeze(1))
+        grad_w = torch.bmm(inputs.flatten(0, 1), d_pre.flatten(0, 1).unsqueeze(-1)).view(k, e, d)
+        return g.transpose(1, 2), grad_u, grad_w, d_pre.sum(-1), grad_wu, None
 
 
 def _roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
