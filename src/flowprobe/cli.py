@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module that defines it, one
     "plot": ("flowprobe.commands.train", "figures of a run directory, or 'rezende' for Rezende & Mohamed's Figure 3"),
     "approx1d": ("flowprobe.commands.approx1d", "construct ReLU planar flows approximating a 1-D density (exact TV)"),
     "topology": ("flowprobe.commands.topology", "topology matching: can a flow map q to p exactly, and why not"),
+    "depth": ("flowprobe.commands.depth", "minimum depth T_ε: proven lower bound and measured upper bound, by sweeps"),
 }
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "LayerView",
     "RawParams",
     "fused_kernels",
+    "fused_kernels_allowed",
     "inner",
     "layer_slice",
     "stream",
@@ -75,17 +76,16 @@ def fused_kernels(enabled: bool) -> Iterator[None]:
         _FUSED = previous
 
 
+def fused_kernels_allowed() -> bool:
+    """Whether fused kernels may run now: switched on (:func:`fused_kernels`) and eager (not traced by
+    ``torch.compile``, not inside a ``torch.func`` transform)."""
+    return _FUSED and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
 def uses_fused_kernels(points: Tensor, shared: bool) -> bool:
     """Whether a run may take its family's fused kernel: ``shared`` parameters (no batch
-    dimensions), points ``(N, d)``, eager (not traced by ``torch.compile`` or inside a ``torch.func``
-    transform), kernels switched on (:func:`fused_kernels`)."""
-    return (
-        _FUSED
-        and shared
-        and points.dim() == 2
-        and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
-    )
+    dimensions), points ``(N, d)``, and :func:`fused_kernels_allowed`."""
+    return shared and points.dim() == 2 and fused_kernels_allowed()
 
 
 def stream(fn: Callable[[Tensor], tuple[Tensor, Tensor]], points: Tensor, width: int) -> tuple[Tensor, Tensor]:
