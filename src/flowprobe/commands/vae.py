@@ -22,7 +22,7 @@ from flowprobe.vae.data import BUILTIN, load_images
 from flowprobe.vae.distributed import Distributed
 from flowprobe.vae.evaluation import evaluate
 from flowprobe.vae.model import PRESETS
-from flowprobe.vae.table import acceptance, run_table, summarise, table_markdown
+from flowprobe.vae.table import acceptance, images_of, run_table, summarise, table_markdown
 from flowprobe.vae.training import DTYPES, OPTIMISERS, VAEConfig, load_vae, train_vae
 
 __all__ = ["add_commands"]
@@ -147,7 +147,7 @@ def _eval_command(args: argparse.Namespace) -> int:
 def _table_command(args: argparse.Namespace) -> int:
     config = _config(args)
     source = _data_source(args.data or BUILTIN)
-    images = load_images(source)
+    images = images_of(source)
     with Distributed.from_environment(args.device) as job:
         table_dir = OutputDir(args.out, "vae table") if job.writes else None
         if table_dir is not None:
@@ -156,8 +156,8 @@ def _table_command(args: argparse.Namespace) -> int:
             def progress(posterior: str, seed: int, record: dict[str, Any]) -> None:
                 EpochProgress(config.epochs, every=50, label=f"{posterior} seed {seed}: ")(record)
 
-            results = run_table(images, config, args.out, args.posteriors, args.seeds, job,
-                                None if args.quiet else progress, meta={"data": source})
+            results = run_table(source, config, args.out, args.posteriors, args.seeds, job, args.workers,
+                                None if args.quiet else progress)
             if table_dir is None:
                 return 0
             rows = summarise(results)
@@ -240,5 +240,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--posteriors", nargs="+", default=list(PRESETS), choices=PRESETS, metavar="NAME",
                    help=f"posteriors (default: all of {', '.join(PRESETS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="runs trained at once, in worker processes of one thread each (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_table_command)

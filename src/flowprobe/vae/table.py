@@ -11,18 +11,23 @@ papers (hence "published (approx.)"), and come from other architectures and budg
 from __future__ import annotations
 
 import dataclasses
+import functools
+import multiprocessing
 import statistics
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from flowprobe.io import read_json
-from flowprobe.vae.data import BinaryImages
+from flowprobe.vae.data import BinaryImages, load_images
 from flowprobe.vae.distributed import Distributed
 from flowprobe.vae.model import PRESETS
 from flowprobe.vae.training import VAEConfig, train_vae
 
-__all__ = ["LABELS", "PUBLISHED", "acceptance", "run_table", "summarise", "table_markdown"]
+__all__ = ["LABELS", "PUBLISHED", "acceptance", "images_of", "run_table", "summarise", "table_markdown"]
 
 LABELS = {
     "vae": "No flow",
@@ -55,28 +60,53 @@ def _run_dir(out: Path, posterior: str, seed: int) -> Path:
     return out / posterior / f"seed-{seed}"
 
 
+@functools.cache
+def images_of(source: str) -> BinaryImages:
+    """:func:`~flowprobe.vae.data.load_images`, read once per process and source."""
+    return load_images(source)
+
+
+def _train_one(source: str, config: VAEConfig, run: Path, resume: bool, device: str) -> None:
+    """One run of the table in a worker process (one thread: the workers share the cores)."""
+    torch.set_num_threads(1)
+    train_vae(images_of(source), config, out=run, resume=resume, job=Distributed(device=torch.device(device)),
+              meta={"data": source})
+
+
+def _check_recorded(run: Path, config: VAEConfig) -> None:
+    recorded = read_json(run / "config.json").get("vae")
+    if recorded != dataclasses.asdict(config):
+        mine = dataclasses.asdict(config)
+        key = next((k for k in mine if not isinstance(recorded, dict) or recorded.get(k) != mine[k]), "vae")
+        raise ValueError(f"{run} holds a run with other settings ({key}: "
+                         f"{recorded.get(key) if isinstance(recorded, dict) else recorded!r} there, {mine.get(key)!r} "
+                         "now); choose another --out")
+
+
 def run_table(
-    images: BinaryImages,
+    source: str,
     config: VAEConfig,
     out: str | Path,
     posteriors: Sequence[str] = PRESETS,
     seeds: Sequence[int] = (0, 1, 2),
     job: Distributed | None = None,
+    workers: int = 1,
     callback: Callable[[str, int, dict[str, Any]], None] | None = None,
-    meta: dict[str, Any] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train every posterior with every seed (``config`` otherwise), each in its own run directory;
-    finished runs are read, interrupted ones resumed.
+    finished runs are read (after checking they used these settings), interrupted ones resumed.
 
     Args:
-        images: The data.
+        source: The data (``digits`` or a directory of MNIST files, see
+            :func:`~flowprobe.vae.data.load_images`).
         config: Settings shared by every run (its ``flow`` and ``seed`` are replaced).
         out: Directory of the runs.
         posteriors: Preset names (:data:`~flowprobe.vae.model.PRESETS`).
         seeds: Seeds of each posterior's runs.
         job: The data-parallel job (each run uses every rank).
-        callback: Called with ``(posterior, seed, epoch record)`` (rank 0).
-        meta: Extra facts for each run's ``config.json`` (e.g. the data source).
+        workers: Runs trained at once in worker processes of one thread each, on ``job``'s device
+            (one process only). They are started in the order of ``posteriors``: put the slowest first.
+        callback: Called with ``(posterior, seed, epoch record)`` (rank 0; runs in this process only).
 
     Returns:
         ``{posterior: [results.json of each seed]}`` (rank 0's; the other ranks' lists are empty).
@@ -85,28 +115,44 @@ def run_table(
     unknown = [p for p in posteriors if p not in PRESETS]
     if unknown:
         raise ValueError(f"unknown posterior {unknown[0]!r}; expected some of: {', '.join(PRESETS)}")
+    if workers > 1 and job.world > 1:
+        raise ValueError("several workers and several ranks exclude each other: give one of them")
+    runs = [(p, s, _run_dir(Path(out), p, s), dataclasses.replace(config, flow=p, seed=s))
+            for p in posteriors for s in seeds]
+    todo = []
+    for posterior, seed, run, settings in runs:
+        state = {}
+        if job.writes:
+            state = {"done": (run / "results.json").is_file(), "resume": (run / "checkpoint.json").is_file()}
+            if state["resume"] or state["done"]:
+                _check_recorded(run, settings)
+        state, _ = job.share(state, {})
+        if not state["done"]:
+            todo.append((posterior, seed, run, settings, state["resume"]))
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_train_one, source, settings, run, resume, str(job.device))
+                       for _, _, run, settings, resume in todo]
+            for future in futures:
+                future.result()
+    else:
+        for posterior, seed, run, settings, resume in todo:
+            progress = None if callback is None else lambda record, p=posterior, s=seed: callback(p, s, record)
+            train_vae(images_of(source), settings, out=run, resume=resume, job=job, callback=progress,
+                      meta={"data": source})
     results: dict[str, list[dict[str, Any]]] = {p: [] for p in posteriors}
-    for posterior in posteriors:
-        for seed in seeds:
-            run = _run_dir(Path(out), posterior, seed)
-            mode = {}
-            if job.writes:
-                mode = {"done": (run / "results.json").is_file(), "resume": (run / "checkpoint.json").is_file()}
-            mode, _ = job.share(mode, {})
-            if not mode["done"]:
-                progress = None if callback is None else lambda record, p=posterior, s=seed: callback(p, s, record)
-                train_vae(images, dataclasses.replace(config, flow=posterior, seed=seed), out=run,
-                          resume=mode["resume"], job=job, callback=progress, meta=meta)
-            if job.writes:
-                results[posterior].append(read_json(run / "results.json") | {"seed": seed})
+    if job.writes:
+        for posterior, seed, run, _ in runs:
+            results[posterior].append(read_json(run / "results.json") | {"seed": seed})
     return results
 
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per posterior: mean and standard deviation over seeds of ``−ELBO`` and ``NLL``, the
-    seeds, and the training time (seconds, summed over seeds)."""
+    """One row per posterior (in the order of :data:`~flowprobe.vae.model.PRESETS`): mean and standard
+    deviation over seeds of ``−ELBO`` and ``NLL``, the seeds, and the training time (seconds, summed over
+    seeds)."""
     rows = []
-    for posterior, runs in results.items():
+    for posterior, runs in sorted(results.items(), key=lambda item: PRESETS.index(item[0])):
         row: dict[str, Any] = {"posterior": posterior, "label": LABELS.get(posterior, posterior),
                                "seeds": [r["seed"] for r in runs], "seconds": sum(r["seconds"] for r in runs),
                                "epochs": [r["epochs_done"] for r in runs]}
