@@ -63,8 +63,8 @@ def _timeless(records):
 
 def test_resume_refuses_other_settings_and_other_data(digits, tmp_path):
     train_vae(digits, out=tmp_path, epochs=1, **TINY)
-    with pytest.raises(ValueError, match=r"its vae differs \(lr: 0.0005 in the run, 0.001 now\)"):
-        train_vae(digits, out=tmp_path, resume=True, epochs=1, lr=1e-3, **TINY)
+    with pytest.raises(ValueError, match=r"its vae differs \(lr: 0.001 in the run, 0.002 now\)"):
+        train_vae(digits, out=tmp_path, resume=True, epochs=1, lr=2e-3, **TINY)
     other = BinaryImages("digits", digits.train[:-1], digits.val, digits.test, digits.shape)
     with pytest.raises(ValueError, match="its data_sha256 differs"):
         train_vae(other, out=tmp_path, resume=True, epochs=1, **TINY)

@@ -134,7 +134,7 @@ class FlowVAE(nn.Module):
         gated: Gated dense layers instead of ReLU ones.
     """
 
-    def __init__(self, data_dim: int, latent: int = 16, hidden: int = 256, depth: int = 2, flow: str = NO_FLOW,
+    def __init__(self, data_dim: int, latent: int = 8, hidden: int = 128, depth: int = 2, flow: str = NO_FLOW,
                  gated: bool = False) -> None:
         super().__init__()
         for name, value in {"data_dim": data_dim, "latent": latent, "hidden": hidden, "depth": depth}.items():
