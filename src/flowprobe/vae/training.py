@@ -210,6 +210,7 @@ def train_vae(
     meta = {"data_dim": images.dim, "data_sha256": data_fingerprint(images), "data_sizes": images.sizes()} | (
         meta or {})
     loop = _Loop(images, config, job, callback)
+    meta = {"posterior": loop.model.spec} | meta  # a preset's spec: a resume refuses another meaning of the name
     writer = RunWriter(out, "resume" if resume else "overwrite" if overwrite else "new", "vae train") \
         if out is not None and job.writes else None
     try:
