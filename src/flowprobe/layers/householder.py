@@ -8,7 +8,7 @@ from torch import Tensor
 from flowprobe.layers.base import FlowLayer, Invertibility, inner, uses_fused_kernels
 from flowprobe.layers.registry import Option, register
 
-__all__ = ["Householder", "householder_matrix", "reflect"]
+__all__ = ["Householder", "householder_matrix", "reflect", "reflect_all"]
 
 
 def reflect(z: Tensor, v: Tensor) -> Tensor:
@@ -27,6 +27,11 @@ def householder_matrix(vectors: Tensor, dim: int, columns: int) -> Tensor:
     return q
 
 
+def _in_order(v: Tensor) -> Tensor:
+    """A run's reflection vectors ``(K, ..., T, d)`` as one sequence ``(..., K·T, d)`` in the order applied."""
+    return v.movedim(0, -3).flatten(-3, -2)
+
+
 def _run_matrix(v: Tensor) -> Tensor:
     """The ``d × d`` matrix ``A`` with ``x = z A`` for a shared run with reflection vectors ``(K, T, d)``."""
     k, t, d = v.shape
@@ -34,6 +39,17 @@ def _run_matrix(v: Tensor) -> Tensor:
     for j in range(t):
         rows = reflect(rows, v[:, j : j + 1, :])
     return torch.linalg.multi_dot(list(rows.unbind(0))) if k > 1 else rows[0]
+
+
+def reflect_all(z: Tensor, v: Tensor) -> Tensor:
+    """``H_m ⋯ H_1 z`` for reflection vectors ``v`` ``(..., m, d)`` (``H_1`` first; ``v = 0`` is the
+    identity): the vectors are normalised at once, then each reflection is one fused update
+    ``z ← z − 2 (zᵀû) û``. ``z`` is ``(..., d)``, its leading dimensions broadcasting against ``v``'s.
+    """
+    unit = v * torch.rsqrt(inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)).unsqueeze(-1)
+    for u in unit.unbind(-2):
+        z = torch.addcmul(z, inner(z, u).unsqueeze(-1), u, value=-2)
+    return z
 
 
 def _check_reflections(reflections: int) -> int:
@@ -55,7 +71,8 @@ class Householder(FlowLayer):
     Log-det: 0 (each reflection has determinant −1, ``|det| = 1``).
     Constraint: none (``v_t = 0`` is treated as the identity).
     Inverse: exact, ``z = H_1 \cdots H_k x`` (each reflection is its own inverse). A run with
-    shared parameters is applied as one ``d × d`` matrix.
+    shared parameters is applied as one ``d × d`` matrix; one with batched (per-point or ensemble)
+    parameters reflects the points with every layer's normalised vectors in turn (:func:`reflect_all`).
 
     Args:
         dim: Dimension.
@@ -82,24 +99,20 @@ class Householder(FlowLayer):
         return raw["v"]
 
     def transform(self, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        for t in range(self.reflections):
-            z = reflect(z, v[..., t, :])
-        return z, z.new_zeros(z.shape[:-1])
+        return reflect_all(z, v), z.new_zeros(z.shape[:-1])
 
     def invert(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        for t in range(self.reflections - 1, -1, -1):
-            x = reflect(x, v[..., t, :])
-        return x, x.new_zeros(x.shape[:-1])
+        return reflect_all(x, v.flip(-2)), x.new_zeros(x.shape[:-1])
 
     def forward_run(self, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if not uses_fused_kernels(z, v.dim() == 3):
-            return super().forward_run(z, v)
-        return z @ _run_matrix(v), z.new_zeros(z.shape[0])
+        if uses_fused_kernels(z, v.dim() == 3):
+            return z @ _run_matrix(v), z.new_zeros(z.shape[0])
+        return reflect_all(z, _in_order(v)), z.new_zeros(z.shape[:-1])
 
     def inverse_run(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if not uses_fused_kernels(x, v.dim() == 3):
-            return super().inverse_run(x, v)
-        return x @ _run_matrix(v).transpose(-1, -2), x.new_zeros(x.shape[0])
+        if uses_fused_kernels(x, v.dim() == 3):
+            return x @ _run_matrix(v).transpose(-1, -2), x.new_zeros(x.shape[0])
+        return reflect_all(x, _in_order(v).flip(-2)), x.new_zeros(x.shape[:-1])
 
     def invertibility(self, layer: int | None = None) -> Invertibility:
         return Invertibility(True, 1.0, "always (orthogonal)")

@@ -54,8 +54,8 @@ __all__ = ["DTYPES", "OPTIMISERS", "TrainedVAE", "VAEConfig", "build_model", "da
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 OPTIMISERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamax": lambda params, lr: torch.optim.Adamax(params, lr=lr, eps=1e-7),  # van den Berg et al.'s choice
-    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "adamax": lambda params, lr: torch.optim.Adamax(params, lr=lr, eps=1e-7, foreach=True),  # van den Berg et al.
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr, foreach=True),
 }
 CHECKPOINT_FORMAT = 1
 VALIDATION_SEED = 0x5EED  # the validation noise: offset from the run's seed
