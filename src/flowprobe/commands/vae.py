@@ -23,7 +23,7 @@ from flowprobe.vae.distributed import Distributed
 from flowprobe.vae.evaluation import evaluate
 from flowprobe.vae.model import PRESETS
 from flowprobe.vae.table import acceptance, images_of, run_table, summarise, table_markdown
-from flowprobe.vae.training import DTYPES, OPTIMISERS, VAEConfig, load_vae, train_vae
+from flowprobe.vae.training import DTYPES, OPTIMISERS, TEST_SEED, VAEConfig, load_vae, train_vae
 
 __all__ = ["add_commands"]
 
@@ -135,9 +135,10 @@ def _eval_command(args: argparse.Namespace) -> int:
     images = load_images(recorded.get("data", BUILTIN))
     config = VAEConfig(**recorded["vae"])
     samples = args.nll_samples or config.nll_samples
+    seed = config.seed + TEST_SEED if args.seed is None else args.seed
     with Distributed.from_environment(args.device) as job:
         model = model.to(job.device)
-        metrics = evaluate(model, images.test, samples, config.eval_rows, args.seed, job).to_json()
+        metrics = evaluate(model, images.test, samples, config.eval_rows, seed, job).to_json()
         if not job.writes:
             return 0
     _emit(args, {"run": args.run, **metrics}, _metric_lines(metrics))
@@ -229,7 +230,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = commands.add_parser("eval", help="test −ELBO and importance-sampled NLL of a finished run")
     p.add_argument("run", help="run directory")
     p.add_argument("--nll-samples", type=positive_int, help="importance samples per test image (default: the run's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the importance samples")
+    p.add_argument("--seed", type=int, help="seed of the importance samples (default: the run's, which reproduces "
+                                            "its results.json)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object of results")
     p.set_defaults(func=_eval_command)

@@ -49,8 +49,8 @@ from flowprobe.vae.evaluation import TestMetrics, evaluate
 from flowprobe.vae.model import FlowVAE
 from flowprobe.validation import validation
 
-__all__ = ["DTYPES", "OPTIMISERS", "TrainedVAE", "VAEConfig", "build_model", "data_fingerprint", "load_vae",
-           "train_vae"]
+__all__ = ["DTYPES", "OPTIMISERS", "TEST_SEED", "TrainedVAE", "VAEConfig", "build_model", "data_fingerprint",
+           "load_vae", "train_vae"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 OPTIMISERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -59,7 +59,7 @@ OPTIMISERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 CHECKPOINT_FORMAT = 1
 VALIDATION_SEED = 0x5EED  # the validation noise: offset from the run's seed
-TEST_SEED = 0x7E57
+TEST_SEED = 0x7E57  # the test samples: offset from the run's seed
 
 
 @dataclasses.dataclass(frozen=True)
