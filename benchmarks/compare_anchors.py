@@ -239,10 +239,10 @@ def rkl_step(model: Model, opt: torch.optim.Optimizer, n: int) -> Callable[[], N
 
 
 def ml_step(model: Model, opt: torch.optim.Optimizer, data: torch.Tensor, n: int) -> Callable[[], None]:
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(device=data.device).manual_seed(1)
 
     def step():
-        batch = data[torch.randint(0, data.shape[0], (n,), generator=gen)]
+        batch = data[torch.randint(0, data.shape[0], (n,), generator=gen, device=data.device)]
         loss = -model.log_prob(batch).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -272,7 +272,7 @@ class Row:
         if kind == "rkl":
             return rkl_step(model, torch.optim.Adam(model.parameters(), lr=LR), self.per_call_n)
         if kind == "ml":  # an explicit loop, not flowprobe.fit: every library runs the same steps
-            data = two_moons(20_000)
+            data = two_moons(20_000).to(torch.get_default_device())
             return ml_step(model, torch.optim.Adam(model.parameters(), lr=LR), data, self.per_call_n)
         if kind == "log_prob":
             x = sample_data(model, self.per_call_n)
@@ -327,6 +327,12 @@ def rows() -> list[Row]:
     return out
 
 
+def _sync() -> None:
+    """Wait for queued GPU work (timings on CUDA measure the work, not its launch)."""
+    if torch.get_default_device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_rows(selected: list[Row], reps: int, target_s: float) -> dict[str, dict[str, float | str]]:
     """Median units/s per row and library; libraries alternate inside every repetition."""
     results: dict[str, dict[str, float | str]] = {}
@@ -338,8 +344,10 @@ def time_rows(selected: list[Row], reps: int, target_s: float) -> dict[str, dict
             if isinstance(fn, str):
                 continue
             fn()
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             one = max(time.perf_counter() - start, 1e-6)
             calls[lib] = max(1, int(target_s / one))
         samples: dict[str, list[float]] = {lib: [] for lib in calls}
@@ -349,6 +357,7 @@ def time_rows(selected: list[Row], reps: int, target_s: float) -> dict[str, dict
                 start = time.perf_counter()
                 for _ in range(calls[lib]):
                     fn()  # type: ignore[operator]
+                _sync()
                 samples[lib].append(calls[lib] * row.per_call / (time.perf_counter() - start))
         results[row.key] = {
             lib: statistics.median(samples[lib]) if lib in samples else fns[lib]  # type: ignore[misc]
@@ -529,6 +538,7 @@ def machine() -> dict[str, object]:
         "cpus": os.cpu_count(),
         "threads": THREADS,
         "load_average_at_start": load,
+        "device": torch.cuda.get_device_name() if torch.get_default_device().type == "cuda" else "cpu",
         "versions": {lib: _version(lib) for lib in ("normflows", "pyro")},
     }
 
@@ -547,6 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip (e)")
     parser.add_argument("--quick", action="store_true", help="3 repetitions of 0.1 s (smoke run)")
     parser.add_argument("--json", default="", help="write the results here (atomically)")
+    parser.add_argument("--device", default="cpu", help="where every library runs (cuda: see benchmarks/gpu_check.sh)")
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -554,6 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
         memory_child(lib, family, int(k), int(n), measure)
         return {}
     torch.set_num_threads(THREADS)
+    torch.set_default_device(args.device)
     if args.quick:
         args.reps, args.target = 3, 0.1
     prefixes = [p for p in args.rows.split(",") if p]
@@ -561,7 +573,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"machine": machine()}
     print(f"timing {len(selected)} rows, {args.reps} repetitions of ~{args.target:g} s each", flush=True)
     result["speed"] = time_rows(selected, args.reps, args.target)
-    if not args.no_memory:
+    if not args.no_memory and args.device == "cpu":
         result["memory"] = {f"planar-tanh K={k}, batch {BATCH_TRAIN}": memory("planar-tanh", k, BATCH_TRAIN)
                             for k in (32, 300)}
     families = [("planar-tanh", 2), ("radial", 2), ("planar-tanh", 64), ("radial", 64), ("sylvester-O", 64),

@@ -17,6 +17,11 @@ import tests.layers.custom_family  # noqa: F401, E402  (a family defined outside
 
 DTYPES = [torch.float32, torch.float64]
 
+# benchmarks/gpu_check.sh runs the layer and flow tests with FLOWPROBE_TEST_DEVICE=cuda: every tensor and
+# module a test creates without a device lands there, and the library must follow its inputs.
+if os.environ.get("FLOWPROBE_TEST_DEVICE"):
+    torch.set_default_device(os.environ["FLOWPROBE_TEST_DEVICE"])
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

@@ -12,7 +12,7 @@ from torch.distributions import Distribution, Transform, TransformedDistribution
 
 from flowprobe.distributions import Density
 from flowprobe.layers.base import FlowLayer, LayerView, RawParams, stream
-from flowprobe.validation import check_dtype, check_points
+from flowprobe.validation import check_like, check_points
 
 __all__ = ["Flow", "FlowDistribution", "FlowTransform"]
 
@@ -72,7 +72,7 @@ class Flow(nn.Module):
 
     # -- evaluation ------------------------------------------------------------------------
     def _check(self, points: Tensor, name: str) -> Tensor:
-        points = check_dtype(check_points(points, self.dim, name, self.ensemble_shape), self, name)
+        points = check_like(check_points(points, self.dim, name, self.ensemble_shape), self, name)
         if self.ensemble_shape and points.dim() == 2:
             points = points.expand(*self.ensemble_shape, *points.shape)
         return points
@@ -265,3 +265,9 @@ class FlowDistribution(TransformedDistribution):
     def __init__(self, flow: Flow) -> None:
         self.flow = flow
         super().__init__(_SourceDistribution(flow.base), [FlowTransform(flow)], validate_args=False)
+
+    def expand(self, batch_shape: Sequence[int], _instance: Distribution | None = None) -> TransformedDistribution:
+        """The same flow over a batch of independent copies (shape ``batch_shape``)."""
+        return TransformedDistribution(
+            self.base_dist.expand(batch_shape), self.transforms, validate_args=False
+        )

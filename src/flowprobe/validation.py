@@ -18,7 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "available_memory",
-    "check_dtype",
+    "check_like",
     "check_memory",
     "check_points",
     "set_validation",
@@ -95,17 +95,29 @@ def check_points(x: object, dim: int, name: str = "input", ensemble_shape: tuple
     return x
 
 
-def check_dtype(x: Tensor, module: torch.nn.Module, name: str = "input") -> Tensor:
-    """Check that points ``x`` have the floating-point type of ``module``'s parameters.
+def check_like(x: Tensor, module: torch.nn.Module, name: str = "input") -> Tensor:
+    """Check that points ``x`` have the floating-point type and the device of ``module``'s parameters.
 
-    A module's arithmetic follows its parameters; mixing types would either fail deep inside an op
-    or silently compute in one of them, so a mismatch is a one-line error saying how to fix it.
+    A module's arithmetic follows its parameters; mixing types or devices would either fail deep
+    inside an op or silently compute in one of them, so a mismatch is a one-line error saying how to
+    fix it.
 
     Raises:
-        ValueError: the types differ.
+        ValueError: the types or the devices differ.
     """
     if not _ENABLED:
         return x
+    param = next(module.parameters(), None)
+    if param is None:
+        return x
+    if x.dtype != param.dtype:
+        have, want = str(x.dtype).removeprefix("torch."), str(param.dtype).removeprefix("torch.")
+        raise ValueError(f"{name} has dtype {have} but the parameters are {want}; convert the points "
+                         f"(x.to(torch.{want})) or the model (.to(torch.{have}))")
+    if x.device != param.device:
+        raise ValueError(f"{name} is on {x.device} but the parameters are on {param.device}; move the points "
+                         f"(x.to('{param.device}')) or the model (.to('{x.device}'))")
+    return x
     param = next(module.parameters(), None)
     if param is not None and x.dtype != param.dtype:
         kind = str(param.dtype).removeprefix("torch.")

@@ -39,5 +39,5 @@ def real_data(name: str, seed: int = 0) -> Tensor:
         raise ValueError(f"unknown data set {name!r}; expected one of: {', '.join(REAL_SETS)}")
     x = _load(name)
     if name == "digits":
-        x = x + torch.rand(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+        x = x + torch.rand(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype, device="cpu")
     return standardise(x)

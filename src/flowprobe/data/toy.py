@@ -100,4 +100,5 @@ def toy_data(name: str, n: int, seed: int = 0) -> Tensor:
         raise ValueError(f"unknown toy data set {name!r}; expected one of: {', '.join(TOY_SETS)}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"number of points must be a positive integer, got {n!r}")
-    return TOY_SETS[name](n, torch.Generator().manual_seed(seed))
+    with torch.device("cpu"):  # generated on the CPU whatever torch's default device (the seed's stream)
+        return TOY_SETS[name](n, torch.Generator().manual_seed(seed))

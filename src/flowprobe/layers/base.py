@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from flowprobe.validation import check_dtype, check_points, validation_enabled
+from flowprobe.validation import check_like, check_points, validation_enabled
 
 __all__ = [
     "FlowLayer",
@@ -332,7 +332,7 @@ class FlowLayer(nn.Module):
     def check(self, points: Tensor, name: str = "z") -> Tensor:
         """Validate points ``(N, dim)`` (or ``(*E, N, dim)`` for an ensemble) and expand ``(N, dim)``
         to every ensemble member."""
-        points = check_dtype(check_points(points, self.dim, name, self.ensemble_shape), self, name)
+        points = check_like(check_points(points, self.dim, name, self.ensemble_shape), self, name)
         if self.ensemble_shape and points.dim() == 2:
             points = points.expand(*self.ensemble_shape, *points.shape)
         return points

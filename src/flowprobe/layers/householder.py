@@ -12,9 +12,20 @@ __all__ = ["Householder", "householder_matrix", "reflect", "reflect_all"]
 
 
 def reflect(z: Tensor, v: Tensor) -> Tensor:
-    """``(I − 2vvᵀ/‖v‖²) z`` for points ``z`` (..., d) and ``v`` (..., d); ``v = 0`` is the identity."""
+    """``(I − 2vvᵀ/‖v‖²) z`` for points ``z`` (..., d) and ``v`` (..., d); ``v = 0`` is the identity.
+
+    ``v`` is rescaled by its largest entry first, so that ``‖v‖²`` neither underflows (``v ~ 1e-155``
+    would otherwise give a matrix that is no reflection) nor overflows.
+    """
+    v = _rescaled(v)
     v_sq = inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)
     return z - (2 * inner(z, v) / v_sq).unsqueeze(-1) * v
+
+
+def _rescaled(v: Tensor) -> Tensor:
+    """``v / max_i |v_i|`` along the last dimension (``v = 0`` stays 0)."""
+    scale = v.abs().amax(-1, keepdim=True)
+    return v / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def householder_matrix(vectors: Tensor, dim: int, columns: int) -> Tensor:
@@ -41,11 +52,16 @@ def _run_matrix(v: Tensor) -> Tensor:
     return torch.linalg.multi_dot(list(rows.unbind(0))) if k > 1 else rows[0]
 
 
+MAX_REFLECTIONS = 4096  # per layer: each reflection is a step of a Python loop
+
+
 def reflect_all(z: Tensor, v: Tensor) -> Tensor:
     """``H_m ⋯ H_1 z`` for reflection vectors ``v`` ``(..., m, d)`` (``H_1`` first; ``v = 0`` is the
-    identity): the vectors are normalised at once, then each reflection is one fused update
-    ``z ← z − 2 (zᵀû) û``. ``z`` is ``(..., d)``, its leading dimensions broadcasting against ``v``'s.
+    identity): the vectors are rescaled as in :func:`reflect` and normalised at once, then each
+    reflection is one fused update ``z ← z − 2 (zᵀû) û``. ``z`` is ``(..., d)``, its leading
+    dimensions broadcasting against ``v``'s.
     """
+    v = _rescaled(v)
     unit = v * torch.rsqrt(inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)).unsqueeze(-1)
     for u in unit.unbind(-2):
         z = torch.addcmul(z, inner(z, u).unsqueeze(-1), u, value=-2)
@@ -53,8 +69,8 @@ def reflect_all(z: Tensor, v: Tensor) -> Tensor:
 
 
 def _check_reflections(reflections: int) -> int:
-    if not isinstance(reflections, int) or reflections < 1:
-        raise ValueError(f"reflections must be a positive integer, got {reflections!r}")
+    if not isinstance(reflections, int) or not 1 <= reflections <= MAX_REFLECTIONS:
+        raise ValueError(f"reflections must be an integer in [1, {MAX_REFLECTIONS}], got {reflections!r}")
     return reflections
 
 
