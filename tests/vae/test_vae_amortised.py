@@ -125,6 +125,19 @@ def test_every_point_starts_with_the_stacks_own_parameters(name):
     torch.testing.assert_close(model.flow(z, params=post.params), model.flow(z), atol=1e-12, rtol=0)
 
 
+def test_one_seed_gives_every_posterior_the_same_encoder_and_decoder():
+    """The table compares posteriors seed by seed: only the flow's own parameters may differ."""
+    models = []
+    for name in PRESETS:
+        torch.manual_seed(3)
+        models.append(FlowVAE(6, latent=LATENT, hidden=8, depth=1, flow=name).state_dict())
+    shared = [k for k in models[0] if k.split(".")[0] in ("encoder", "mean", "log_var", "decoder")]
+    assert len(shared) == 10
+    for state in models[1:]:
+        for key in shared:
+            assert torch.equal(state[key], models[0][key]), key
+
+
 def test_gradients_reach_the_head_and_the_stacks():
     model = _model("sylvester:2:orthogonal:m=2")
     x = (torch.rand(8, 6) < 0.5).double()

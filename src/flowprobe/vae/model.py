@@ -144,13 +144,14 @@ class FlowVAE(nn.Module):
         self.encoder = mlp(data_dim, hidden, depth, gated)
         self.mean = nn.Linear(hidden, latent)
         self.log_var = nn.Linear(hidden, latent)
+        self.decoder = nn.Sequential(mlp(latent, hidden, depth, gated), nn.Linear(hidden, data_dim))
+        # the flow is drawn last: under one seed, every posterior starts with the same encoder and decoder
         stacks = [] if self.spec == NO_FLOW else build_layers(self.spec, latent)
         self.flow = Flow(StandardNormal(latent), stacks)
         self.widths = [stack.raw_numel for stack in stacks]
         self.head = nn.Linear(hidden, sum(self.widths), bias=False) if stacks else None
         if self.head is not None:
             nn.init.zeros_(self.head.weight)  # every point starts with the stacks' own initialisation
-        self.decoder = nn.Sequential(mlp(latent, hidden, depth, gated), nn.Linear(hidden, data_dim))
 
     def encode(self, x: Tensor) -> Posterior:
         """``q``'s parameters for images ``x`` ``(N, D)``."""
