@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -60,12 +62,53 @@ def reflect_all(z: Tensor, v: Tensor) -> Tensor:
     identity): the vectors are rescaled as in :func:`reflect` and normalised at once, then each
     reflection is one fused update ``z ← z − 2 (zᵀû) û``. ``z`` is ``(..., d)``, its leading
     dimensions broadcasting against ``v``'s.
+
+    With autograd, one vector set per point (``z.shape[:-1] == v.shape[:-2]``) and the fused kernels
+    on, the reflections run as :class:`_Reflections` (analytic backward, about half the operations).
     """
     v = _rescaled(v)
     unit = v * torch.rsqrt(inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)).unsqueeze(-1)
+    # uses_fused_kernels' "shared" gate: here, the per-point layout that _Reflections' backward assumes
+    if torch.is_grad_enabled() and uses_fused_kernels(z, z.shape[:-1] == unit.shape[:-2]):
+        return _Reflections.apply(z, unit)
     for u in unit.unbind(-2):
-        z = torch.addcmul(z, inner(z, u).unsqueeze(-1), u, value=-2)
+        z = _reflect_unit(z, u)
     return z
+
+
+def _reflect_unit(z: Tensor, u: Tensor) -> Tensor:
+    """``z − 2 (zᵀu) u`` for a unit vector ``u``."""
+    return torch.addcmul(z, inner(z, u).unsqueeze(-1), u, value=-2)
+
+
+class _Reflections(torch.autograd.Function):
+    """``y_t = H_t y_{t−1} = y_{t−1} − 2 (y_{t−1}ᵀu_t) u_t``, ``t = 1 … m``, for unit vectors ``u``
+    ``(N, m, d)`` and points ``y_0 = z`` ``(N, d)``, with an analytic backward.
+
+    Backward (``g`` = ∂L/∂y_t, going down from ``t = m``; ``H_t`` is symmetric):
+    ``∂L/∂u_t = −2 ((gᵀu_t) y_{t−1} + (y_{t−1}ᵀu_t) g)``, then ``g ← H_t g``. The forward keeps every
+    reflection's input; the ``u`` gradients are formed at once from the stacked inputs and ``g``'s.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, unit: Tensor) -> Tensor:
+        inputs = []
+        for u in unit.unbind(-2):
+            inputs.append(z)
+            z = _reflect_unit(z, u)
+        ctx.save_for_backward(unit, torch.stack(inputs, -2))
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        unit, inputs = ctx.saved_tensors
+        grads = []
+        for u in reversed(unit.unbind(-2)):
+            grads.append(grad)
+            grad = _reflect_unit(grad, u)
+        outs = torch.stack(grads[::-1], -2)  # ∂L/∂y_t for t = 1 … m
+        grad_unit = -2 * (inner(outs, unit).unsqueeze(-1) * inputs + inner(inputs, unit).unsqueeze(-1) * outs)
+        return grad, grad_unit
 
 
 def _check_reflections(reflections: int) -> int:
