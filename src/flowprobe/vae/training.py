@@ -93,12 +93,12 @@ class VAEConfig:
     hidden: int = 128
     depth: int = 2
     gated: bool = False
-    epochs: int = 200
+    epochs: int = 100
     batch_size: int = 100
     lr: float = 1e-3
     optimizer: str = "adamax"
-    warmup: int = 50
-    patience: int | None = 50
+    warmup: int = 25
+    patience: int | None = 25
     seed: int = 0
     dtype: str = "float32"
     nll_samples: int = 5000
