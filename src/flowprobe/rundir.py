@@ -249,14 +249,15 @@ class RunWriter(OutputDir):
         path: The run directory.
         mode: ``new`` (the directory must be empty or missing), ``overwrite`` (replace a run, keep
             every file flowprobe did not write) or ``resume``.
+        command: What is writing (named to a second writer that is refused).
     """
 
     MODES = ("new", "overwrite", "resume")
 
-    def __init__(self, path: str | Path, mode: str = "new") -> None:
+    def __init__(self, path: str | Path, mode: str = "new", command: str = "fit") -> None:
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
-        super().__init__(path, "fit")
+        super().__init__(path, command)
         self.mode = mode
         self._created = False
 

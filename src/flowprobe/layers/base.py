@@ -267,16 +267,16 @@ class FlowLayer(nn.Module):
     def forward_run(self, z: Tensor, p: Any) -> tuple[Tensor, Tensor]:
         """All layers of ``p`` (run layout) in order; families override it with fused kernels."""
         logdet = None
-        for k in range(_layers_in(p)):
-            z, ld = self.transform(z, layer_slice(p, k))
+        for layer in unbind_layers(p):
+            z, ld = self.transform(z, layer)
             logdet = ld if logdet is None else logdet + ld
         return z, logdet  # type: ignore[return-value]
 
     def inverse_run(self, x: Tensor, p: Any) -> tuple[Tensor, Tensor]:
         """All layers of ``p`` (run layout) in reverse order."""
         logdet = None
-        for k in range(_layers_in(p) - 1, -1, -1):
-            x, ld = self.invert(x, layer_slice(p, k))
+        for layer in reversed(unbind_layers(p)):
+            x, ld = self.invert(x, layer)
             logdet = ld if logdet is None else logdet + ld
         return x, logdet  # type: ignore[return-value]
 
@@ -394,9 +394,19 @@ class FlowLayer(nn.Module):
         return ", ".join(parts + ([self._settings()] if self._settings() else []))
 
 
-def _layers_in(p: Any) -> int:
-    first = p if isinstance(p, Tensor) else next(iter(p.values())) if isinstance(p, dict) else p[0]
-    return first.shape[0]
+def unbind_layers(params: Any) -> list[Any]:
+    """Every layer's constrained parameters of a run (layer axis first), by one ``unbind`` per tensor.
+
+    Unlike indexing layer by layer, whose backward writes each layer's gradient into a zero-filled
+    tensor of the whole run (``O(K²)`` work with per-point parameters), the backward of ``unbind``
+    stacks the ``K`` gradients once.
+    """
+    if isinstance(params, Tensor):
+        return list(params.unbind(0))
+    if isinstance(params, dict):
+        columns = {k: v.unbind(0) for k, v in params.items()}
+        return [dict(zip(columns, values)) for values in zip(*columns.values())]
+    return [type(params)(*values) for values in zip(*(v.unbind(0) for v in params))]
 
 
 def _broadcasts(batch: tuple[int, ...], target: tuple[int, ...]) -> bool:
