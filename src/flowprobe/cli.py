@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module that defines it, one
     "plot": ("flowprobe.commands.train", "figures of a run directory, or 'rezende' for Rezende & Mohamed's Figure 3"),
     "approx1d": ("flowprobe.commands.approx1d", "construct ReLU planar flows approximating a 1-D density (exact TV)"),
     "topology": ("flowprobe.commands.topology", "topology matching: can a flow map q to p exactly, and why not"),
+    "reproduce": ("flowprobe.commands.reproduce", "every claim of the paper, measured: one HTML report with verdicts"),
 }
 
 
