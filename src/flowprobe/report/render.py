@@ -158,23 +158,25 @@ def _section(i: int, record: dict, load: Callable[[str], bytes]) -> str:
     path = f"/sections/{i}"
     status = record["status"]
     parts = [f'<section class="sec" id="{_e(record["key"])}" data-status="{_e(status)}">',
-             f'<div class="head"><h2>{record["number"]}. {_e(record["title"])}</h2>{_badge(status)}</div>',
+             f'<div class="head"><h2>{_scalar(record["number"], path + "/number")}. {_e(record["title"])}</h2>'
+             f"{_badge(status)}</div>",
              f'<p class="claim"><b>Claim.</b> {_e(record["claim"])}</p>']
     if status in ("unavailable", "not run", "pending"):
         parts.append(f'<p class="note">{_e(record.get("reason", "waiting for its turn"))}</p>')
     elif status == "error":
-        parts.append(f"<p><b>This section failed to run</b> ({_scalar(record['seconds'], path + '/seconds')} s): "
-                     f"<code>{_e(record['error'])}</code></p>"
+        parts.append(f"<p><b>This section failed to run:</b> <code>{_e(record['error'])}</code></p>"
                      f"<details><summary>traceback</summary><pre>{_e(record['traceback'])}</pre></details>")
     else:
         labels = record.get("labels", {})
-        cached = " (cached: an earlier run with the same settings and versions)" if record.get("cached") else ""
         parts += [f"<h3>What was measured</h3><p>{_e(record['measured'])}</p>",
                   f"<h3>Verdict: {_badge(status)}</h3>{_checks(record['criterion'])}",
                   f"<h3>Numbers</h3>{_tree(record['numbers'], path + '/numbers', labels)}",
-                  _figures(record, load),
-                  f'<p class="note">Settings: {_inline(record["settings"], path + "/settings", labels)}; '
-                  f"{_scalar(record['seconds'], path + '/seconds')} s{cached}.</p>"]
+                  _figures(record, load)]
+    if "settings" in record:  # the section ran (a verdict or an error)
+        cached = " (cached: an earlier run with the same settings and versions)" if record.get("cached") else ""
+        parts.append(f'<p class="note">Settings: {_inline(record["settings"], path + "/settings", {})}; seed '
+                     f"{_scalar(record['seed'], path + '/seed')}; {_scalar(record['seconds'], path + '/seconds')} s"
+                     f"{cached}.</p>")
     parts.append("</section>")
     return "".join(parts)
 
@@ -184,10 +186,10 @@ def _summary(results: dict) -> str:
     for i, record in enumerate(results["sections"]):
         seconds = record.get("seconds")
         time_cell = _scalar(seconds, f"/sections/{i}/seconds") + " s" if seconds is not None else ""
-        rows.append(f'<tr><td class="n">{record["number"]}</td><td><a href="#{_e(record["key"])}">'
-                    f'{_e(record["title"])}</a></td><td>{_e(record["claim"])}</td><td>{_badge(record["status"])}</td>'
-                    f'<td class="n">{time_cell}</td></tr>')
-    counts = ", ".join(f"{_scalar(n, f'/summary/{k}')} {_e(k)}" for k, n in results["summary"].items() if n)
+        rows.append(f'<tr><td class="n">{_scalar(record["number"], f"/sections/{i}/number")}</td>'
+                    f'<td><a href="#{_e(record["key"])}">{_e(record["title"])}</a></td><td>{_e(record["claim"])}</td>'
+                    f'<td>{_badge(record["status"])}</td><td class="n">{time_cell}</td></tr>')
+    counts = ", ".join(f"{_scalar(n, f'/summary/{k}')} {_e(k)}" for k, n in results["summary"].items())
     return (f'<div class="scroll"><table id="summary"><tr><th class="n">#</th><th>Section</th><th>Claim</th>'
             f'<th>Verdict</th><th class="n">Time</th></tr>{"".join(rows)}</table></div><p>{counts}.</p>')
 
@@ -221,4 +223,5 @@ def render_html(results: dict[str, Any], load: Callable[[str], bytes]) -> str:
             _footer(results)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            "<link rel=\"icon\" href=\"data:,\">"
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>{''.join(body)}</main></body></html>\n")
