@@ -134,8 +134,8 @@ SECTION = Section(
     number=4,
     title="Topology matching with smooth activations",
     claim="If residual layers with M neurons in total map q exactly onto p, the gradients of "
-          "L = log p∘f − log q span at most M dimensions, so e.g. N(0, I_d) → N(0, σ²I_d) needs M ≥ d and below "
-          "that the TV cannot fall under a proven floor.",
+          "L = log p∘f − log q span at most M dimensions: N(0, I_d) → N(0, σ²I_d) needs M ≥ d, and with fewer "
+          "neurons the TV cannot fall under a proven floor.",
     run=run,
     settings={
         "quick": {"rank_points": 200, "dim": 3, "scale": 1.5, "neurons": [1, 2, 3, 4], "seeds": [0], "steps": 600,
