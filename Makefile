@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e ".[test,data,ray]"
+	$(PY) -m flowprobe.layers.native || echo "(the PyTorch kernels will be used)"
 	touch $(STAMP)
 
 demo: $(STAMP)

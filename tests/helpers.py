@@ -69,3 +69,22 @@ def batch_jacobian(fn, x: torch.Tensor) -> torch.Tensor:
     """Per-row Jacobians ``(N, d, d)`` of a row-wise map (rows independent), by autograd."""
     jac = torch.autograd.functional.jacobian(lambda v: fn(v).sum(0), x)  # (d, N, d)
     return jac.permute(1, 0, 2)
+
+
+def outputs_and_grads(module: torch.nn.Module, fn, points: torch.Tensor):
+    """``fn(points)``'s output and log-det, and the gradients of a fixed scalar of them with respect to
+    the points and every parameter of ``module``."""
+    points = points.clone().requires_grad_(True)
+    out, logdet = fn(points)
+    loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum() + 0.7 * logdet.sum()
+    grads = torch.autograd.grad(loss, [points, *module.parameters()])
+    return out.detach(), logdet.detach(), grads
+
+
+def assert_same(a, b, tol: float) -> None:
+    """Nested tuples of tensors equal to ``tol`` (absolute and relative)."""
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, tuple):
+            assert_same(x, y, tol)
+        else:
+            torch.testing.assert_close(x, y, atol=tol, rtol=tol)

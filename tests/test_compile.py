@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from tests.helpers import assert_same as assert_close_nested
+from tests.helpers import outputs_and_grads
 from torch._dynamo.testing import CompileCounter
 
 import flowprobe as fp
@@ -45,20 +47,11 @@ def make_flow(family, dim=2, k=3):
 
 
 def evaluate(flow, fn, points):
-    """Output, log-det and the gradients of a fixed scalar w.r.t. the points and every parameter."""
-    points = points.clone().requires_grad_(True)
-    out, logdet = fn(points)
-    loss = (out * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)).sum() + 0.7 * logdet.sum()
-    grads = torch.autograd.grad(loss, [points, *flow.parameters()])
-    return out.detach(), logdet.detach(), grads
+    return outputs_and_grads(flow, fn, points)
 
 
 def assert_same(compiled, eager, tol=TOL):
-    for c, e in zip(compiled, eager, strict=True):
-        if isinstance(c, tuple):
-            assert_same(c, e, tol)
-        else:
-            torch.testing.assert_close(c, e, atol=tol, rtol=tol)
+    assert_close_nested(compiled, eager, tol)
 
 
 def check_directions(flow, backend, directions=("forward", "inverse"), no_grad=False):

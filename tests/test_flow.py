@@ -268,3 +268,33 @@ print((status("VmHWM:") - before) / 1024)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
     peak_mb = float(out.stdout.strip())
     assert peak_mb < 300, peak_mb
+
+
+def test_layers_and_flows_pickle_and_torch_save(tmp_path):
+    """Issue 11 item 12: activations were lambdas, so pickling a layer or ``torch.save(flow)`` failed."""
+    import pickle
+
+    layer = fp.Planar(2, "tanh")
+    assert pickle.loads(pickle.dumps(layer)).act is layer.act  # built-ins unpickle to the registered object
+    flow = mixed_stack(2, depth=8)
+    torch.save(flow, tmp_path / "flow.pt")
+    loaded = torch.load(tmp_path / "flow.pt", weights_only=False)  # the user's own file, on purpose
+    z = torch.randn(5, 2, dtype=torch.float64)
+    assert torch.equal(loaded(z)[0], flow(z)[0])
+
+
+def test_the_distribution_follows_the_torch_distributions_contract():
+    """Issue 11 item 12: ``with_cache(0)``, ``expand`` and empty samples."""
+    flow = mixed_stack(2, depth=4)
+    dist = flow.as_distribution()
+    transform = dist.transforms[0]
+    uncached = transform.with_cache(0)
+    assert uncached._cache_size == 0 and transform.with_cache(1) is transform
+    x = dist.sample((5,))
+    torch.testing.assert_close(uncached.inv(x), transform.inv(x))
+    wide = dist.expand((3,))
+    assert wide.batch_shape == (3,) and wide.sample((4,)).shape == (4, 3, 2)
+    assert wide.log_prob(x.unsqueeze(1).expand(5, 3, 2)).shape == (5, 3)
+    empty = dist.sample((0,))
+    assert empty.shape == (0, 2) and dist.log_prob(empty).shape == (0,)
+    assert dist.rsample((2, 0)).shape == (2, 0, 2)

@@ -55,7 +55,7 @@ def _users_files(directory):
 # -- item 1: data loss ---------------------------------------------------------------------------------
 
 
-def test_item1_a_directory_of_the_users_files_is_refused_and_left_alone(tmp_path):
+def test_item1_a_directory_of_the_users_files_is_refused_and_left_alone(tmp_path, capsys):
     out = tmp_path / "mine"
     _users_files(out)
     before = _digest(out)
@@ -64,9 +64,8 @@ def test_item1_a_directory_of_the_users_files_is_refused_and_left_alone(tmp_path
     assert proc.stderr.strip().splitlines() == [
         f"flowprobe fit: error: {out} is not empty; pass --resume to continue the run there or --overwrite to "
         "replace it (files flowprobe did not write are kept)"]
-    proc = _run("fit", "--flow", "planar:2:tanh", "--energy", "U1", "--out", str(out), "--overwrite", *QUICK)
-    assert proc.returncode == 2
-    assert f"{out / 'config.json'} was not written by flowprobe" in proc.stderr
+    assert main(["fit", "--flow", "planar:2:tanh", "--energy", "U1", "--out", str(out), "--overwrite", *QUICK]) == 2
+    assert f"{out / 'config.json'} was not written by flowprobe" in _error(capsys)
     assert _digest(out) == before  # not one byte changed, nothing created
     assert sorted(p.name for p in out.iterdir()) == [".notes.tmp", "config.json", "history.jsonl", "results.json"]
 
@@ -278,3 +277,18 @@ def test_item4_python_resume_refuses_another_flow(tmp_path):
         fp.fit(fp.build_flow("planar:2:tanh", 2), energy=energy, out=tmp_path / "r", resume=True, overwrite=True)
     with pytest.raises(FileNotFoundError, match="no run to resume"):
         RunWriter(tmp_path / "nothing", "resume").open()
+
+
+def test_item3_bookkeeping_cannot_name_files_outside_the_directory(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    meta = tmp_path / "run" / ".flowprobe"
+    meta.mkdir(parents=True)
+    (meta / "commit.json").write_text(json.dumps({"delete": ["../victim.txt"], "move": [], "files": {}}))
+    with pytest.raises(ValueError, match="is not a flowprobe journal"):
+        OutputDir(tmp_path / "run", "test").open()
+    (meta / "commit.json").unlink()
+    (meta / "manifest.json").write_text(json.dumps({"format": 1, "files": {"../victim.txt": None}}))
+    with pytest.raises(ValueError, match="is not a flowprobe manifest"):
+        OutputDir(tmp_path / "run", "test").open()
+    assert victim.read_text() == "mine"

@@ -10,7 +10,8 @@ never by its name:
 * ``derivative_from_value`` — ``h'`` as a function of ``h`` (tanh: ``1 − h²``), so a forward pass
   reuses ``h`` for its log-determinant;
 * ``newton`` — a :class:`NewtonKernel` that solves ``s + α h(s) = c`` with a fixed iteration
-  budget and one convergence check (tanh: from the exact hard-tanh root, see ``docs/layers.md``).
+  budget and one convergence check (tanh: from the exact hard-tanh root, see ``docs/layers.md``);
+* ``native`` — the code of its implementation in the compiled run kernels (``layers/native.py``).
 
 A custom :class:`Activation` declares none of them unless given: it is evaluated by the general
 formulas and the safeguarded scalar solver, so it is always handled exactly.
@@ -166,6 +167,8 @@ class Activation:
             moves every point by at most ``U·bound``.
         derivative_from_value: ``h'`` as a function of ``h(t)``, if it is one (tanh: ``1 − h²``).
         newton: A fixed-budget solver of ``s + α h(s) = c``, if the activation has one.
+        native: The code of its implementation in the compiled run kernels (``layers/runs.cpp``), if
+            it has one.
 
     ``derivative`` and ``second_derivative`` return new tensors (stack kernels work on them in place).
     Custom activations must use module-level functions (not lambdas) to be picklable.
@@ -180,6 +183,7 @@ class Activation:
     bound: float = math.inf
     derivative_from_value: Callable[[Tensor], Tensor] | None = None
     newton: NewtonKernel | None = None
+    native: int | None = None
 
     @property
     def piecewise_linear(self) -> bool:
@@ -191,7 +195,7 @@ class Activation:
         if ACTIVATIONS.get(self.name) is self:
             return get_activation, (self.name,)
         fields = (self.name, self.fn, self.derivative, self.second_derivative, self.sup_derivative,
-                  self.kink_slopes, self.bound, self.derivative_from_value, self.newton)
+                  self.kink_slopes, self.bound, self.derivative_from_value, self.newton, self.native)
         return Activation, fields
 
 
@@ -265,16 +269,16 @@ def _leaky_relu_derivative(t: Tensor) -> Tensor:
 
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
-    for a in (
+    for a in (  # native: the codes of layers/runs.cpp
         Activation("tanh", torch.tanh, _tanh_derivative, _tanh_second, 1.0, bound=1.0,
-                   derivative_from_value=_tanh_derivative_from_value, newton=TANH_NEWTON),
-        Activation("sigmoid", torch.sigmoid, _sigmoid_derivative, _sigmoid_second, 0.25, bound=1.0),
-        Activation("arctan", torch.atan, _arctan_derivative, _arctan_second, 1.0, bound=math.pi / 2),
-        Activation("softplus", _softplus, torch.sigmoid, _sigmoid_derivative, 1.0),
-        Activation("elu", F.elu, _elu_derivative, _elu_second, 1.0),
-        Activation("identity", _identity, _ones, _zeros, 1.0, (1.0, 1.0)),
-        Activation("relu", torch.relu, _relu_derivative, _zeros, 1.0, (0.0, 1.0)),
-        Activation("leaky_relu", _leaky_relu, _leaky_relu_derivative, _zeros, 1.0, (LEAKY_SLOPE, 1.0)),
+                   derivative_from_value=_tanh_derivative_from_value, newton=TANH_NEWTON, native=0),
+        Activation("sigmoid", torch.sigmoid, _sigmoid_derivative, _sigmoid_second, 0.25, bound=1.0, native=1),
+        Activation("arctan", torch.atan, _arctan_derivative, _arctan_second, 1.0, bound=math.pi / 2, native=2),
+        Activation("softplus", _softplus, torch.sigmoid, _sigmoid_derivative, 1.0, native=3),
+        Activation("elu", F.elu, _elu_derivative, _elu_second, 1.0, native=4),
+        Activation("relu", torch.relu, _relu_derivative, _zeros, 1.0, (0.0, 1.0), native=5),
+        Activation("leaky_relu", _leaky_relu, _leaky_relu_derivative, _zeros, 1.0, (LEAKY_SLOPE, 1.0), native=6),
+        Activation("identity", _identity, _ones, _zeros, 1.0, (1.0, 1.0), native=7),
     )
 }
 

@@ -265,3 +265,9 @@ class FlowDistribution(TransformedDistribution):
     def __init__(self, flow: Flow) -> None:
         self.flow = flow
         super().__init__(_SourceDistribution(flow.base), [FlowTransform(flow)], validate_args=False)
+
+    def expand(self, batch_shape: Sequence[int], _instance: Distribution | None = None) -> TransformedDistribution:
+        """The same flow over a batch of independent copies (shape ``batch_shape``)."""
+        return TransformedDistribution(
+            self.base_dist.expand(batch_shape), self.transforms, validate_args=False
+        )

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from flowprobe.distributions import Energy
 from flowprobe.flow import Flow
-from flowprobe.validation import check_points, validation
+from flowprobe.validation import check_memory, check_points, validation
 
 __all__ = [
     "LogPartition",
@@ -181,6 +181,7 @@ def reverse_kl(
     """
     if not isinstance(n, int) or n < 2:
         raise ValueError(f"the KL needs at least 2 samples, got {n!r}")
+    check_memory(4 * 8 * n, f"a KL from {n} samples")
     log_w = importance_weights(flow, energy, n, seed)
     bad = int((~torch.isfinite(log_w)).sum())
     if bad:

@@ -90,6 +90,11 @@ def _holder_text(raw: str) -> str:
         return "another flowprobe process"
 
 
+def _plain_name(name: object) -> bool:
+    """Whether ``name`` names a file directly inside the directory (no path, not the bookkeeping)."""
+    return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..", META)
+
+
 class OutputDir:
     """A directory flowprobe writes files into, locked for the life of the writer.
 
@@ -152,8 +157,12 @@ class OutputDir:
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "since": since})
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
-        self.files = self._read_manifest()
-        self._finish_commit()
+        try:
+            self.files = self._read_manifest()
+            self._finish_commit()
+        except BaseException:
+            self.close()
+            raise
         for path in self.path.iterdir():
             if is_temporary(path):  # left by a killed writer of ours; never read by anyone
                 path.unlink(missing_ok=True)
@@ -170,7 +179,8 @@ class OutputDir:
             return {}
         manifest = read_json(path)
         files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict) or not all(isinstance(v, str | None) for v in files.values()):
+        if not isinstance(files, dict) or not all(isinstance(v, str | None) for v in files.values()) \
+                or not all(_plain_name(n) for n in files):
             raise CorruptFileError(f"{path} is not a flowprobe manifest")
         return files
 
@@ -181,7 +191,12 @@ class OutputDir:
         """Finish moving a staged run in if a writer was killed while doing it."""
         journal_path = self.meta / "commit.json"
         if journal_path.is_file():
-            self._apply(read_json(journal_path))
+            journal = read_json(journal_path)
+            names = [*journal.get("delete", []), *journal.get("move", []), *journal.get("files", {})] \
+                if isinstance(journal, dict) else [None]
+            if not all(_plain_name(n) for n in names) or not isinstance(journal.get("files"), dict):
+                raise CorruptFileError(f"{journal_path} is not a flowprobe journal (names outside the directory?)")
+            self._apply(journal)
 
     def _apply(self, journal: dict[str, Any]) -> None:
         """Delete the old run's files, move the staged ones in, record them (idempotent)."""
@@ -257,6 +272,7 @@ class RunWriter(OutputDir):
             raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         super().__init__(path, "fit")
         self.mode = mode
+        self._created = False
 
     def open(self) -> None:
         """Lock the directory and check it suits the mode.
@@ -268,6 +284,7 @@ class RunWriter(OutputDir):
         """
         if self.mode == "resume" and not self.path.is_dir():
             raise FileNotFoundError(f"no run to resume: {self.path} does not exist")
+        self._created = not self.path.exists()
         if self.mode == "new":
             self._refuse_non_empty()  # before anything is created in a user's directory
         if self.mode == "overwrite" and self.path.is_dir():
@@ -305,10 +322,13 @@ class RunWriter(OutputDir):
         self.staged = {}
 
     def close(self) -> None:
-        """Drop a staged run that never reached its first checkpoint, release the lock."""
+        """Drop a staged run that never reached its first checkpoint (and the directory, if this writer
+        created it and it holds nothing else), release the lock."""
         if self.staged is not None and self._fd is not None:
             shutil.rmtree(self.meta / "staging", ignore_errors=True)
             self.staged = None
+            if self._created and not self.entries():
+                shutil.rmtree(self.path, ignore_errors=True)
         super().close()
 
     def claim(self, name: str) -> Path:

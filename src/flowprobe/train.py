@@ -38,6 +38,7 @@ from torch import Tensor
 from flowprobe.distributions import Energy
 from flowprobe.flow import Flow
 from flowprobe.io import CorruptFileError, load_state
+from flowprobe.layers import native
 from flowprobe.rundir import RunWriter, check_probe, new_run_id, probe_outputs
 from flowprobe.validation import check_memory, check_points, validation
 
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "constant")
+# Runs at least this long build the compiled run kernels if they are missing (``layers/native.py``):
+# the build (~1 min on 2 cores, once per machine) then costs less than the per-step time it saves.
+NATIVE_BUILD_STEPS = 50_000
 CHECKPOINT_FORMAT = 2
 
 
@@ -263,6 +267,8 @@ def fit(
         owned = writer
     else:
         writer, owned = None, contextlib.nullcontext()
+    if config.steps >= NATIVE_BUILD_STEPS and anchor.device.type == "cpu":
+        native.kernels(build=True)  # a long run repays building the compiled run kernels (once per machine)
     loop = _Loop(flow, config, train, val, energy, writer, callback, seeds)
     with validation(False):
         loop.check_memory()

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tests.helpers import autograd_logdet, set_raw
 
 import flowprobe as fp
 from flowprobe.layers.householder import householder_matrix
@@ -20,6 +21,20 @@ def test_householder_is_an_involution_with_unit_determinant():
     assert math.isclose(float(torch.linalg.det(h)), -1.0, abs_tol=1e-12)
 
 
-def test_bad_reflection_count_is_named():
-    with pytest.raises(ValueError, match="reflections must be a positive integer"):
-        fp.Householder(3, reflections=0)
+@pytest.mark.parametrize("count", [0, 100_000_000])
+def test_bad_reflection_counts_are_named(count):
+    with pytest.raises(ValueError, match=r"reflections must be an integer in \[1, 4096\]"):
+        fp.Householder(3, reflections=count)
+
+
+@pytest.mark.parametrize("scale", [1.877e-155, 1e150])
+def test_reflections_of_tiny_and_huge_vectors_stay_orthogonal(scale):
+    """``v`` of 1e-155 made ‖v‖² underflow: the 'reflection' was no longer orthogonal (log-det off by 0.2)."""
+    layer = fp.Householder(3, reflections=3).double()
+    pattern = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    set_raw(layer, {"v": torch.full((3, 3), scale, dtype=torch.float64) * pattern})
+    z = torch.randn(6, 3, dtype=torch.float64)
+    x, logdet = layer(z)
+    assert (logdet - autograd_logdet(layer, z)).abs().max() < 1e-12
+    assert (x.norm(dim=-1) - z.norm(dim=-1)).abs().max() < 1e-12
+    assert (layer.inverse(x)[0] - z).abs().max() < 1e-12

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from tests.helpers import CASES, make, perturb
+from tests.helpers import CASES, make, outputs_and_grads, perturb
+from tests.helpers import assert_same as assert_close_nested
 
 import flowprobe as fp
 from flowprobe.activations import TANH_NEWTON_BUDGETS
@@ -25,21 +26,13 @@ def make_stack(case, dim=3, k=5, seed=0):
 
 
 def evaluate(stack, direction, points, fused):
-    """Output, log-det and the gradients of a fixed scalar w.r.t. the points and every parameter."""
-    points = points.clone().requires_grad_(True)
+    """Output, log-det and gradients of the stack's forward or inverse, fused kernels on or off."""
     with fused_kernels(fused):
-        out, logdet = stack(points) if direction == "forward" else stack.inverse(points)
-    loss = (out * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)).sum() + 0.7 * logdet.sum()
-    grads = torch.autograd.grad(loss, [points, *stack.parameters()])
-    return out.detach(), logdet.detach(), grads
+        return outputs_and_grads(stack, stack if direction == "forward" else stack.inverse, points)
 
 
 def assert_same(a, b, tol=TOL):
-    for x, y in zip(a, b, strict=True):
-        if isinstance(x, tuple):
-            assert_same(x, y, tol)
-        else:
-            torch.testing.assert_close(x, y, atol=tol, rtol=tol)
+    assert_close_nested(a, b, tol)
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)

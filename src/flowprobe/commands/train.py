@@ -38,6 +38,7 @@ from flowprobe.metrics import nll_per_dim
 from flowprobe.rundir import OutputDir, RunWriter, load_run, run_config
 from flowprobe.spec import build_flow, parse_spec
 from flowprobe.train import FitConfig, fit
+from flowprobe.validation import check_memory
 
 __all__ = ["add_commands"]
 
@@ -45,6 +46,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FIT_DEFAULTS = {"dim": 2, "checkpoint_every": 1000, "seed": 0, "dtype": "float32"}
 """Defaults of ``fit`` options that are not :class:`FitConfig` fields (the parser's are ``None``, so
 that a resume can tell an option given on the command line from one left alone)."""
+SAMPLE_BYTES = 4 * 8  # per sample and dimension: the float64 copy, its text or .npy, and the flow's own
 MAX_REFLECTIONS = 4096
 MAX_HIDDEN = 4096
 
@@ -183,10 +185,15 @@ def _resume_conflicts(args: argparse.Namespace, run: Path, config: dict[str, Any
         same = (str(file.resolve()) if file is not None else args.data) == t.get("name")
         if t.get("kind") != "data" or not same:
             raise ValueError(f"--data {args.data} conflicts with the run's target {t.get('name')!r}")
-    if args.energy is not None and t.get("kind") != "energy":
-        raise ValueError(f"--energy {args.energy} conflicts with the run's target {t.get('name')!r}")
-    if args.energy is not None and user_file(args.energy) is None and args.energy != t.get("name"):
-        raise ValueError(f"--energy {args.energy} conflicts with the run's target {t.get('name')!r}")
+    if args.energy is not None:
+        recorded_name = t.get("name") if isinstance(t.get("name"), str) else ""
+        if user_file(args.energy) is not None:  # naming the run's file again: same function, checked by SHA-256
+            same = user_file(recorded_name) is not None and \
+                args.energy.rpartition(":")[2] == recorded_name.rpartition(":")[2]
+        else:
+            same = args.energy == recorded_name
+        if t.get("kind") != "energy" or not same:
+            raise ValueError(f"--energy {args.energy} conflicts with the run's target {recorded_name!r}")
 
 
 def _new_run(args: argparse.Namespace) -> tuple[str, str, Target, FitConfig]:
@@ -258,6 +265,7 @@ def _sample_command(args: argparse.Namespace) -> int:
     if (output.exists() or output.is_symlink()) and not args.overwrite:
         raise ValueError(f"{output} exists; pass --overwrite to replace it")
     flow, _ = load_run(args.run)
+    check_memory(SAMPLE_BYTES * args.n * flow.dim, f"-n {args.n} samples of dimension {flow.dim}")
     torch.manual_seed(args.seed)
     x = flow.sample(args.n).to(torch.float64).cpu().numpy()
     atomic_write(output, lambda tmp: _write_array(tmp, x, output.suffix))

@@ -12,7 +12,13 @@ __all__ = ["Householder", "householder_matrix", "reflect"]
 
 
 def reflect(z: Tensor, v: Tensor) -> Tensor:
-    """``(I − 2vvᵀ/‖v‖²) z`` for points ``z`` (..., d) and ``v`` (..., d); ``v = 0`` is the identity."""
+    """``(I − 2vvᵀ/‖v‖²) z`` for points ``z`` (..., d) and ``v`` (..., d); ``v = 0`` is the identity.
+
+    ``v`` is rescaled by its largest entry first, so that ``‖v‖²`` neither underflows (``v ~ 1e-155``
+    would otherwise give a matrix that is no reflection) nor overflows.
+    """
+    scale = v.abs().amax(-1, keepdim=True)
+    v = v / torch.where(scale > 0, scale, torch.ones_like(scale))
     v_sq = inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)
     return z - (2 * inner(z, v) / v_sq).unsqueeze(-1) * v
 
@@ -36,9 +42,12 @@ def _run_matrix(v: Tensor) -> Tensor:
     return torch.linalg.multi_dot(list(rows.unbind(0))) if k > 1 else rows[0]
 
 
+MAX_REFLECTIONS = 4096  # per layer: each reflection is a step of a Python loop
+
+
 def _check_reflections(reflections: int) -> int:
-    if not isinstance(reflections, int) or reflections < 1:
-        raise ValueError(f"reflections must be a positive integer, got {reflections!r}")
+    if not isinstance(reflections, int) or not 1 <= reflections <= MAX_REFLECTIONS:
+        raise ValueError(f"reflections must be an integer in [1, {MAX_REFLECTIONS}], got {reflections!r}")
     return reflections
 
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from flowprobe.activations import ACTIVATIONS, Activation, get_activation
+from flowprobe.layers import native
 from flowprobe.layers.base import FlowLayer, Invertibility, inner, uses_fused_kernels
 from flowprobe.layers.registry import Option, activation_option, register
 from flowprobe.layers.scalar import (
@@ -149,6 +150,9 @@ class Planar(FlowLayer):
             return super().forward_run(z, p)
         if not needs_grad(z, p):
             return _forward_eval(z, p, self.act)
+        module = native.usable(z) if self.act.native is not None else None
+        if module is not None:
+            return native.NativeRun.apply("planar", module, self.act.native, z, p.u, p.w, p.b, p.wu)
         return _PlanarRun.apply(z, p.u, p.w, p.b, p.wu, self.act)
 
     def inverse_run(self, x: Tensor, p: PlanarParams) -> tuple[Tensor, Tensor]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from flowprobe.layers import native
 from flowprobe.layers.base import FlowLayer, Invertibility, uses_fused_kernels
 from flowprobe.layers.planar import DEFAULT_MIN_SLOPE, check_min_slope, inverse_softplus
 from flowprobe.layers.registry import Option, register
@@ -32,10 +33,11 @@ class RadialParams(NamedTuple):
 def source_radius(y_norm: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     """``r = ‖z − z0‖`` from ``ŷ = ‖x − z0‖``: the non-negative root of ``r² + (α + β − ŷ) r − αŷ = 0``.
 
-    Computed without cancellation (``2αŷ/(l + √D)`` when ``l = α + β − ŷ > 0``, else ``(√D − l)/2``).
+    Computed without cancellation (``2αŷ/(l + √D)`` when ``l = α + β − ŷ > 0``, else ``(√D − l)/2``)
+    and without overflow (``√D`` as a hypotenuse), so float32 points at ``1e30`` stay finite.
     """
     lin = alpha + beta - y_norm
-    disc = torch.sqrt(lin * lin + 4 * alpha * y_norm)
+    disc = torch.hypot(lin, 2 * torch.sqrt(alpha * y_norm))  # √(l² + 4αŷ) without overflowing l²
     return torch.where(lin > 0, 2 * alpha * y_norm / (lin + disc), (disc - lin) / 2)
 
 
@@ -117,6 +119,9 @@ class Radial(FlowLayer):
             radius = z.new_empty(p.z0.shape[0], z.shape[0])
             x = _steps(z, p, [torch.empty_like(z)] * p.z0.shape[0], radius)  # one x − z0 buffer, reused
             return x, _logdet(z.shape[-1], radius, p.alpha.unsqueeze(-1), p.beta.unsqueeze(-1)).sum(0)
+        module = native.usable(z)
+        if module is not None:
+            return native.NativeRun.apply("radial", module, 0, z, p.z0, p.alpha, p.beta)
         return _RadialRun.apply(z, p.z0, p.alpha, p.beta)
 
     def inverse_run(self, x: Tensor, p: RadialParams) -> tuple[Tensor, Tensor]:

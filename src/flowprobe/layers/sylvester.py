@@ -21,6 +21,7 @@ from flowprobe.layers.scalar import log_slopes, needs_grad, solve_scalar
 __all__ = ["GeneralSylvester", "Sylvester", "SylvesterParams", "vecmat"]
 
 KINDS = ("orthogonal", "householder", "triangular")
+MAX_HIDDEN = 4096  # neurons of a general layer (its log-det is an m × m determinant per point)
 BLOCK = 8  # rows per block of the blocked back-substitution (see _newton_inverse)
 DEFAULT_HOUSEHOLDER_REFLECTIONS = 8  # as in the official SNF code
 
@@ -342,8 +343,8 @@ class GeneralSylvester(FlowLayer):
         ensemble: int | tuple[int, ...] = (),
     ) -> None:
         super().__init__(dim, layers, ensemble)
-        if not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
+        if not isinstance(hidden, int) or not 1 <= hidden <= MAX_HIDDEN:
+            raise ValueError(f"hidden must be an integer in [1, {MAX_HIDDEN}], got {hidden!r}")
         self.hidden = hidden
         self.act = get_activation(activation)
         self._init_parameters()
