@@ -1,5 +1,6 @@
 """The report's real sections with tiny settings: their numbers, checks and figures."""
 
+import importlib.util
 import math
 
 import pytest
@@ -24,7 +25,16 @@ def test_registry():
         assert s.claim.endswith(".") and s.claim.count(". ") == 0  # one sentence
         if s.settings:  # a section without settings is the same in every mode
             assert set(s.settings) == set(MODES) and set(s.settings["quick"]) == set(s.settings["full"]), s.key
-    assert {s.key for s in SECTIONS if s.run is None} == {"depth", "vae"}
+    assert all(s.run is not None for s in SECTIONS)
+    hooks = {s.key: s for s in SECTIONS if s.requires}
+    assert {k: s.requires for k, s in hooks.items()} == {"depth": ("flowprobe.theory.depth_experiments",),
+                                                         "vae": ("flowprobe.vae",)}
+    for s in hooks.values():  # "not available" exactly when the capability is missing from this build
+        try:
+            present = importlib.util.find_spec(s.requires[0]) is not None
+        except ModuleNotFoundError:
+            present = False
+        assert s.unavailable() is None if present else f"needs {s.requires[0]} ({s.issue})" in s.unavailable()
 
 
 def test_two_layer_example():
