@@ -7,10 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from page_check import check_page_against_results
 from report_fakes import fails, holds, kill_sections, not_a_number, sections
 
 from flowprobe.cli import main
@@ -20,53 +20,6 @@ from flowprobe.rundir import DirectoryBusyError, OutputDir
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")  # the kill -9 test's child imports these
 HERE = str(Path(__file__).resolve().parent)
-
-
-class _Numbers(HTMLParser):
-    """``data-path → [(data-value, text)]`` of every number on a page, and the section ids."""
-
-    def __init__(self):
-        super().__init__()
-        self.numbers, self.sections, self._open = {}, [], None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "span" and attrs.get("class") == "num":
-            self._open = (attrs["data-path"], attrs["data-value"])
-        if tag == "section":
-            self.sections.append((attrs["id"], attrs["data-status"]))
-
-    def handle_data(self, data):
-        if self._open is not None:
-            self.numbers.setdefault(self._open[0], []).append((self._open[1], data))
-            self._open = None
-
-
-def numeric_leaves(value, path=""):
-    """``(JSON Pointer, number)`` of every number (not bool) in a JSON tree."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from numeric_leaves(v, f"{path}/{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from numeric_leaves(v, f"{path}/{i}")
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        yield path, value
-
-
-def check_page_against_results(out):
-    """Every number of results.json is on the page, with its exact value and its displayed text."""
-    results = json.loads((out / "results.json").read_text())
-    page = _Numbers()
-    page.feed((out / "index.html").read_text())
-    leaves = list(numeric_leaves(results))
-    assert leaves
-    for pointer, value in leaves:
-        assert pointer in page.numbers, f"{pointer} = {value} is not on the page"
-        for shown, text in page.numbers[pointer]:
-            assert float(shown) == value and text == fmt(value), (pointer, value, shown, text)
-    assert set(page.numbers) == {p for p, _ in leaves}  # and nothing on the page that the file lacks
-    return results, page
 
 
 def test_verdict_rules():
@@ -118,10 +71,14 @@ def test_cache_force_and_settings(tmp_path):
     assert counter.read_text().count("run") == 2
     full = reproduce(out, fakes, mode="full", only=["alpha"])  # other settings: a new key
     assert counter.read_text().count("run") == 3
+    changed = reproduce(out, fakes, mode="full", only=["alpha"], overrides={"alpha": {"size": 7}})
+    assert changed["sections"][0]["settings"]["size"] == 7 and counter.read_text().count("run") == 4
+    full = reproduce(out, fakes, mode="full", only=["alpha"])  # back: the override was part of the key
+    assert counter.read_text().count("run") == 5
     assert full["sections"][1]["status"] == "not run"  # beta has no result for --full yet
     (out / "alpha_curve.png").write_bytes(b"changed")  # a figure that is not what flowprobe wrote
     reproduce(out, fakes, mode="full")
-    assert counter.read_text().count("run") == 4 and (out / "alpha_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert counter.read_text().count("run") == 6 and (out / "alpha_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
@@ -164,6 +121,10 @@ def test_output_directory_rules(tmp_path):
         reproduce(out, sections())
     with pytest.raises(ValueError, match="unknown section 'nope'"):
         select(sections(), ["nope"])
+    with pytest.raises(ValueError, match="section 'alpha' has no setting 'nope'"):
+        reproduce(out, sections(), overrides={"alpha": {"nope": 1}})
+    with pytest.raises(ValueError, match="unknown section 'zeta'"):
+        reproduce(out, sections(), overrides={"zeta": {}})
     with pytest.raises(ValueError, match="jobs must be a positive integer"):
         reproduce(out, sections(), jobs=0)
     reproduce(out, sections()[1:])  # a report without alpha: its figures are deleted, the user's file is kept
@@ -185,6 +146,7 @@ def test_cli_injected_failure_and_bad_input(tmp_path, monkeypatch, capsys):
     check_page_against_results(out)
     for args, message in ((["--only", "nope", "--out", str(out)], "unknown section 'nope'"),
                           ([], "--out DIR is required"),
+                          (["--out", str(out), "--mnist", str(tmp_path / "none")], "--mnist"),
                           (["--out", str(tmp_path)], "holds no flowprobe report")):
         assert main(["reproduce", *args]) == 2
         err = capsys.readouterr().err

@@ -27,8 +27,14 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise ValueError("--out DIR is required (the report directory)")
+    overrides = {}
+    if args.mnist is not None:
+        mnist = Path(args.mnist)
+        if not mnist.is_dir():
+            raise FileNotFoundError(f"--mnist {mnist}: not a directory (give the directory that holds the MNIST files)")
+        overrides["vae"] = {"data": str(mnist.resolve())}
     results = reproduce(Path(args.out), SECTIONS, "full" if args.full else "quick", args.only, args.force, args.jobs,
-                        args.seed, command=" ".join(["flowprobe", *sys.argv[1:]]))
+                        args.seed, command=" ".join(["flowprobe", *sys.argv[1:]]), overrides=overrides)
     width = max(len(s["key"]) for s in results["sections"])
     print(f"{'#':>2}  {'section':<{width}}  verdict")
     for s in results["sections"]:
@@ -64,5 +70,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="run the chosen sections even when a cached result matches")
     p.add_argument("--jobs", type=_jobs, default=1, help="sections run at once, in worker processes (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every section (default 0)")
+    p.add_argument("--mnist", metavar="DIR", help="the VAE section (8) on MNIST: a directory of its files (IDX or "
+                   ".amat; default: the bundled binarised digits)")
     p.add_argument("--list", action="store_true", help="list the sections and exit")
     p.set_defaults(func=_command)

@@ -154,6 +154,12 @@ def _figures(record: dict, load: Callable[[str], bytes]) -> str:
     return "".join(parts)
 
 
+def _cpu(record: dict, path: str) -> str:
+    """`` (n s CPU)`` when the record has its CPU time (records of older reports may not)."""
+    cpu = record.get("cpu_seconds")
+    return "" if cpu is None else f" ({_scalar(cpu, path + '/cpu_seconds')} s CPU)"
+
+
 def _section(i: int, record: dict, load: Callable[[str], bytes]) -> str:
     path = f"/sections/{i}"
     status = record["status"]
@@ -176,6 +182,7 @@ def _section(i: int, record: dict, load: Callable[[str], bytes]) -> str:
         cached = " (cached: an earlier run with the same settings and versions)" if record.get("cached") else ""
         parts.append(f'<p class="note">Settings: {_inline(record["settings"], path + "/settings", {})}; seed '
                      f"{_scalar(record['seed'], path + '/seed')}; {_scalar(record['seconds'], path + '/seconds')} s"
+                     f"{_cpu(record, path)}"
                      f"{cached}.</p>")
     parts.append("</section>")
     return "".join(parts)
@@ -185,7 +192,8 @@ def _summary(results: dict) -> str:
     rows = []
     for i, record in enumerate(results["sections"]):
         seconds = record.get("seconds")
-        time_cell = _scalar(seconds, f"/sections/{i}/seconds") + " s" if seconds is not None else ""
+        time_cell = _scalar(seconds, f"/sections/{i}/seconds") + " s" + _cpu(record, f"/sections/{i}") \
+            if seconds is not None else ""
         rows.append(f'<tr><td class="n">{_scalar(record["number"], f"/sections/{i}/number")}</td>'
                     f'<td><a href="#{_e(record["key"])}">{_e(record["title"])}</a></td><td>{_e(record["claim"])}</td>'
                     f'<td>{_badge(record["status"])}</td><td class="n">{time_cell}</td></tr>')
