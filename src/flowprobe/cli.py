@@ -21,7 +21,7 @@ from flowprobe.layers.base import InverseNotAvailable
 __all__ = ["COMMANDS", "CliError", "add_parser", "check_finite", "main"]
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module that defines it, one-line help)
-    "demo": ("flowprobe.demo", "the earlier demo: train on U1 and on moons and write figures (the main job: reproduce)"),
+    "demo": ("flowprobe.demo", "the earlier demo: train on U1 and on moons, write figures (main job: reproduce)"),
     "fit": ("flowprobe.commands.train", "train a flow on data (maximum likelihood) or an energy (reverse KL)"),
     "sample": ("flowprobe.commands.train", "draw samples from a trained flow (the last checkpoint while it trains)"),
     "eval": ("flowprobe.commands.train", "held-out NLL or KL(q‖p) and ESS of a trained flow"),
