@@ -39,6 +39,7 @@ table { border-collapse: collapse; margin: 6px 0 10px; font-size: .9rem; }
 th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top; }
 th { background: var(--soft); font-weight: 600; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.time { white-space: nowrap; }
 .scroll { overflow-x: auto; max-width: 100%; }
 section.sec { border: 1px solid var(--line); border-radius: 8px; padding: 16px 20px; margin: 22px 0; }
 .head { display: flex; align-items: center; gap: 12px; flex-wrap: wrap; }
@@ -196,7 +197,7 @@ def _summary(results: dict) -> str:
             if seconds is not None else ""
         rows.append(f'<tr><td class="n">{_scalar(record["number"], f"/sections/{i}/number")}</td>'
                     f'<td><a href="#{_e(record["key"])}">{_e(record["title"])}</a></td><td>{_e(record["claim"])}</td>'
-                    f'<td>{_badge(record["status"])}</td><td class="n">{time_cell}</td></tr>')
+                    f'<td>{_badge(record["status"])}</td><td class="n time">{time_cell}</td></tr>')
     counts = ", ".join(f"{_scalar(n, f'/summary/{k}')} {_e(k)}" for k, n in results["summary"].items())
     return (f'<div class="scroll"><table id="summary"><tr><th class="n">#</th><th>Section</th><th>Claim</th>'
             f'<th>Verdict</th><th class="n">Time</th></tr>{"".join(rows)}</table></div><p>{counts}.</p>')
