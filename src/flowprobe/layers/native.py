@@ -60,8 +60,13 @@ def kernels(build: bool = False) -> ModuleType | None:
             try:
                 from torch.utils.cpp_extension import load
 
+                from flowprobe.io import atomic_write
+
                 path.mkdir(parents=True, exist_ok=True)
-                _module = load(name=NAME, sources=[str(SOURCE)], build_directory=str(path),
+                source = path / SOURCE.name  # built from a copy: checkouts elsewhere share the module
+                if not source.is_file() or source.read_bytes() != SOURCE.read_bytes():
+                    atomic_write(source, lambda tmp: Path(tmp).write_bytes(SOURCE.read_bytes()))
+                _module = load(name=NAME, sources=[str(source)], build_directory=str(path),
                                extra_cflags=["-O3"], verbose=False)
             except Exception as err:  # no compiler, no ninja, a failed build: the PyTorch kernels remain
                 _error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -218,11 +218,39 @@ class Sylvester(FlowLayer):
         return z, logdet
 
     def inverse_run(self, x: Tensor, p: SylvesterParams) -> tuple[Tensor, Tensor]:
-        if self.act.newton is not None and uses_fused_kernels(x, p.b.dim() == 2) and not needs_grad(x, p):
-            solved = _newton_inverse(x, p, self.act)
-            if solved is not None:
-                return solved
-        return super().inverse_run(x, p)
+        """The run's inverse. Shared parameters, without autograd: :func:`_newton_inverse` when the
+        activation has fixed Newton budgets. With autograd: the root without it, then one implicit
+        step over the whole run, ``z = z* − J⁻¹ (f(z*) − x)`` (:class:`_InverseJacobian`; value
+        ``z*``, derivatives those of the implicit function theorem), and the log-det of the
+        forward at ``z``. Batched parameters: layer by layer (:meth:`invert`)."""
+        if not uses_fused_kernels(x, p.b.dim() == 2):
+            return super().inverse_run(x, p)
+        if not needs_grad(x, p):
+            solved = _newton_inverse(x, p, self.act) if self.act.newton is not None else None
+            return super().inverse_run(x, p) if solved is None else solved
+        with torch.no_grad():
+            fixed = SylvesterParams(*(t.detach() for t in p))
+            root, _ = self.inverse_run(x.detach(), fixed)
+            slopes = self._slopes_along(root, fixed)
+        image, _ = self.forward_run(root, p)
+        z = root - _InverseJacobian.apply(image - x, fixed.q, fixed.r, fixed.r_tilde, slopes)
+        return z, -self.forward_run(z, p)[1]
+
+    def _slopes_along(self, z: Tensor, p: SylvesterParams) -> Tensor:
+        """``h'(pre)`` of every layer of the run from ``z``, ``(K, m, N)`` (the run's Jacobians)."""
+        into_hidden = p.q @ p.r_tilde.transpose(-1, -2)
+        out_of_hidden = (p.q @ p.r).transpose(-1, -2)
+        slopes = z.new_empty(p.b.shape[0], p.b.shape[-1], z.shape[0])
+        for i in range(p.b.shape[0]):
+            pre = torch.addmm(p.b[i], z, into_hidden[i])
+            h = self.act.fn(pre)
+            slopes[i] = (
+                self.act.derivative(pre)
+                if self.act.derivative_from_value is None
+                else self.act.derivative_from_value(h)
+            ).t()
+            z = torch.addmm(z, h, out_of_hidden[i])
+        return slopes
 
     def invertibility(self, layer: int | None = None) -> Invertibility:
         margins = torch.clamp(1 + self._diag_product(self.constrained()) * self.act.sup_derivative, max=1.0)
@@ -296,6 +324,67 @@ def _newton_inverse(x: Tensor, p: SylvesterParams, act: Activation) -> tuple[Ten
     if not bool(kernel.converged(alpha.unsqueeze(-1), last, pre)):
         return None
     return z, -log_slopes(pre.flatten(0, 1), alpha.flatten(), act)
+
+
+def _solve_linearised(w: Tensor, r: Tensor, r_tilde: Tensor, slopes: Tensor) -> Tensor:
+    """Solve ``(I + R diag(s) R̃) y = w`` for every point (columns of ``(m, N)`` buffers), ``R, R̃``
+    upper triangular: a layer's Jacobian in the coordinates ``Qᵀz``.
+
+    Blocked back-substitution as in :func:`_newton_inverse`: with ``σ_j = Σ_{k≥j} R̃_jk y_k``, row
+    ``i`` reads ``y_i + Σ_{j≥i} R_ij s_j σ_j = w_i``; ``γ_i = Σ_{k>i} R̃_ik y_k`` and
+    ``c_i = w_i − Σ_{j>i} R_ij s_j σ_j`` are known when row ``i`` is reached, so
+    ``y_i = (c_i − R_ii s_i γ_i) / (1 + R_ii R̃_ii s_i)`` (a positive denominator by the layer's
+    constraint).
+    """
+    m = w.shape[0]
+    c, gamma = w.clone(), torch.zeros_like(w)
+    y, scaled = torch.empty_like(w), torch.empty_like(w)
+    r_diag, rt_diag = torch.diagonal(r), torch.diagonal(r_tilde)
+    gain = slopes * r_diag.unsqueeze(-1)  # R_ii s_i
+    denominator = gain * rt_diag.unsqueeze(-1) + 1
+    rows = [t.unbind(0) for t in (c, gamma, y, scaled, slopes, gain, denominator)]
+    rt_values = rt_diag.tolist()
+    for hi in range(m, 0, -BLOCK):
+        lo = max(0, hi - BLOCK)
+        for i in range(hi - 1, lo - 1, -1):
+            c_i, gamma_i, y_i, scaled_i, slope_i, gain_i, denominator_i = (t[i] for t in rows)
+            torch.addcmul(c_i, gain_i, gamma_i, value=-1, out=y_i).div_(denominator_i)
+            torch.add(gamma_i, y_i, alpha=rt_values[i], out=scaled_i).mul_(slope_i)
+            if i > lo:
+                c[lo:i].addr_(r[lo:i, i], scaled_i, alpha=-1)
+                gamma[lo:i].addr_(r_tilde[lo:i, i], y_i)
+        if lo > 0:
+            c[:lo].addmm_(r[:lo, lo:hi], scaled[lo:hi], alpha=-1)
+            gamma[:lo].addmm_(r_tilde[:lo, lo:hi], y[lo:hi])
+    return y
+
+
+class _InverseJacobian(torch.autograd.Function):
+    """``v ↦ J⁻¹ v`` for a shared run's Jacobian ``J = J_K ⋯ J_1`` at fixed coefficients; the
+    backward applies ``J⁻ᵀ``. Layer ``k``: ``J_k = I + Q R D R̃ Qᵀ`` (``D = diag h'(pre)``), so
+    ``J_k⁻¹ v = v + Q (y − w)`` with ``w = Qᵀv`` and ``(I + R D R̃) y = w``
+    (:func:`_solve_linearised`); ``J_k⁻ᵀ`` solves the lower-triangular ``(I + R̃ᵀ D Rᵀ) y = w``,
+    upper triangular once the coordinates are taken in reverse order."""
+
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, q: Tensor, r: Tensor, r_tilde: Tensor, slopes: Tensor) -> Tensor:
+        ctx.save_for_backward(q, r, r_tilde, slopes)
+        for k in range(q.shape[0] - 1, -1, -1):
+            w = (v @ q[k]).t()
+            y = _solve_linearised(w, r[k], r_tilde[k], slopes[k])
+            v = torch.addmm(v, (y - w).t(), q[k].t())
+        return v
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        q, r, r_tilde, slopes = ctx.saved_tensors
+        for k in range(q.shape[0]):
+            w = (grad @ q[k]).t()
+            flipped = _solve_linearised(
+                w.flip(0), r_tilde[k].t().flip((0, 1)), r[k].t().flip((0, 1)), slopes[k].flip(0)
+            )
+            grad = torch.addmm(grad, (flipped.flip(0) - w).t(), q[k].t())
+        return grad, None, None, None, None
 
 
 @register(
