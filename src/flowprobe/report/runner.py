@@ -278,7 +278,7 @@ class _Report:
         return {**self.header, "summary": counts, "sections": sections}
 
     def write(self, finished: bool) -> dict[str, Any]:
-        """Rewrite ``results.json`` and ``index.html``; when ``finished``, delete figures no record uses."""
+        """Rewrite ``index.html`` and then ``results.json``; when ``finished``, delete figures no record uses."""
         from flowprobe.report.render import render_html
 
         results = self.results() | {"finished": finished}
@@ -286,11 +286,12 @@ class _Report:
             used = {f["file"] for s in results["sections"] for f in s.get("figures", [])}
             for name in [n for n in self.out.files if n.endswith(".png") and n not in used]:
                 self.out.forget(name)
-        write_json(self.out.claim("results.json"), results)
-        self.out.seal("results.json", sha256_file(self.out.path / "results.json"))
         html = render_html(results, lambda name: (self.out.path / name).read_bytes())
         atomic_write(self.out.claim("index.html"), lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))
         self.out.seal("index.html", sha256_file(self.out.path / "index.html"))
+        # results.json last: a section it shows is on the page too, even when the run is killed in between
+        write_json(self.out.claim("results.json"), results)
+        self.out.seal("results.json", sha256_file(self.out.path / "results.json"))
         return results
 
 
