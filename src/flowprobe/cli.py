@@ -21,7 +21,7 @@ from flowprobe.layers.base import InverseNotAvailable
 __all__ = ["COMMANDS", "CliError", "add_parser", "check_finite", "finite_float", "main", "positive_int"]
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module that defines it, one-line help)
-    "demo": ("flowprobe.demo", "run the main job (train on U1 and on moons) and write figures"),
+    "demo": ("flowprobe.demo", "the earlier demo: train on U1 and on moons, write figures (main job: reproduce)"),
     "fit": ("flowprobe.commands.train", "train a flow on data (maximum likelihood) or an energy (reverse KL)"),
     "sample": ("flowprobe.commands.train", "draw samples from a trained flow (the last checkpoint while it trains)"),
     "eval": ("flowprobe.commands.train", "held-out NLL or KL(q‖p) and ESS of a trained flow"),
@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module that defines it, one
     "topology": ("flowprobe.commands.topology", "topology matching: can a flow map q to p exactly, and why not"),
     "depth": ("flowprobe.commands.depth", "minimum depth T_ε: proven lower bound and measured upper bound, by sweeps"),
     "vae": ("flowprobe.commands.vae", "VAEs with flow posteriors: train, eval, table (several processes: torchrun)"),
+    "reproduce": ("flowprobe.commands.reproduce", "every claim of the paper, measured: one HTML report with verdicts"),
 }
 
 

@@ -117,6 +117,11 @@ class OutputDir:
         """The bookkeeping directory ``DIR/.flowprobe``."""
         return self.path / META
 
+    @property
+    def dir(self) -> Path:
+        """Where files go now (a training run's staging directory until its first checkpoint)."""
+        return self.meta / "staging" if self.staged is not None else self.path
+
     def __enter__(self) -> OutputDir:
         self.open()
         return self
@@ -238,6 +243,15 @@ class OutputDir:
             self.files[name] = sha256
             self._save_manifest()
 
+    def forget(self, name: str) -> None:
+        """Delete a file flowprobe wrote and drop it from the record."""
+        record = self.staged if self.staged is not None else self.files
+        if name in record:
+            (self.dir / name).unlink(missing_ok=True)
+            del record[name]
+            if record is self.files:
+                self._save_manifest()
+
 
 class RunWriter(OutputDir):
     """The run directory of one training run: a new run, a resumed one, or one replacing an old run.
@@ -260,11 +274,6 @@ class RunWriter(OutputDir):
         super().__init__(path, command)
         self.mode = mode
         self._created = False
-
-    @property
-    def dir(self) -> Path:
-        """Where the run's files go now (the staging directory until the first checkpoint)."""
-        return self.meta / "staging" if self.staged is not None else self.path
 
     def open(self) -> None:
         """Lock the directory and check it suits the mode.
@@ -336,15 +345,6 @@ class RunWriter(OutputDir):
             super().seal(name, sha256)
         else:
             self.staged[name] = sha256
-
-    def forget(self, name: str) -> None:
-        """Delete a file flowprobe wrote and drop it from the record."""
-        record = self.staged if self.staged is not None else self.files
-        if name in record:
-            (self.dir / name).unlink(missing_ok=True)
-            del record[name]
-            if record is self.files:
-                self._save_manifest()
 
     # -- files of a run --
     def write_json(self, name: str, obj: Any) -> None:
