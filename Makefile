@@ -1,5 +1,6 @@
-# flowprobe: `make demo` runs the main job, `make test` runs the test suite, `make bench` the
-# side-by-side benchmark against normflows and Pyro.
+# flowprobe: `make demo` runs the main job (`flowprobe reproduce --quick`: every claim of the paper,
+# measured, in REPORT/index.html), `make report-full` its publication version, `make test` the test
+# suite, `make bench` the side-by-side benchmark against normflows and Pyro.
 # Both create .venv if missing and install the pinned CPU build of PyTorch before the package
 # (with its test, data and Ray extras: the sweep tests run on a local Ray instance).
 
@@ -9,8 +10,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flowprobe-installed
 TORCH_PIN := torch==2.13.0
 OUT    ?= demo-out
+REPORT ?= report
+JOBS   ?= 2
 
-.PHONY: install demo test lint slow bench clean
+.PHONY: install demo train-demo report-full test lint slow bench clean
 
 install: $(STAMP)
 
@@ -18,10 +21,21 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e ".[test,data,ray]"
-	$(PY) -m flowprobe.layers.native || echo "(the PyTorch kernels will be used)"
+	$(PY) -c "import sys; from flowprobe.layers import native; sys.exit(native.main())" || echo "(the PyTorch kernels will be used)"
 	touch $(STAMP)
 
+# Exit status of reproduce: 0 every section holds, 1 a verdict fails or is inconclusive, 10 + n section n
+# raised; the page is written in every case, so its path is printed in every case.
 demo: $(STAMP)
+	$(VENV)/bin/flowprobe reproduce --quick --jobs $(JOBS) --out $(REPORT); status=$$?; \
+	echo "the report: $(abspath $(REPORT))/index.html"; exit $$status
+
+report-full: $(STAMP)
+	$(VENV)/bin/flowprobe reproduce --full --jobs $(JOBS) --out $(REPORT)-full; status=$$?; \
+	echo "the report: $(abspath $(REPORT))-full/index.html"; exit $$status
+
+# The earlier demo: trains U1 and two moons and writes their figures to OUT.
+train-demo: $(STAMP)
 	$(VENV)/bin/flowprobe demo --out $(OUT)
 
 lint: $(STAMP)
@@ -44,4 +58,4 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/compare_anchors.py --json bench-out/compare_anchors.json
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(OUT) $(REPORT) $(REPORT)-full .pytest_cache .ruff_cache .hypothesis

@@ -37,3 +37,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs) for the session, started as ``--ray local`` starts it: the Ray tests
+    share its start-up and its warm workers (a sweep uses an initialised Ray as it is)."""
+    from flowprobe.sweep.executors import RayExecutor
+
+    executor = RayExecutor("local", 2)
+    yield
+    executor.close()

@@ -393,7 +393,7 @@ def test_a_worker_killed_mid_run_fails_only_that_run(local_store):
     importlib.util.find_spec("ray") is None and not RAY_REQUIRED,
     reason="Ray is not installed (pip install 'flowprobe[ray]'); CI installs it and runs this test",
 )
-def test_ray_gives_the_rows_of_local_workers(local_store, tmp_path):
+def test_ray_gives_the_rows_of_local_workers(ray_local, local_store, tmp_path):
     path = tmp_path / "s.sqlite"
     summary = run_sweep(
         Sweep("train", "tests.sweep_fns:train", TRAIN), path, ray_address="local", workers=2, progress=False

@@ -18,16 +18,19 @@ from typing import Any
 
 from flowprobe.layers.base import InverseNotAvailable
 
-__all__ = ["COMMANDS", "CliError", "add_parser", "check_finite", "main"]
+__all__ = ["COMMANDS", "CliError", "add_parser", "check_finite", "finite_float", "main", "positive_int"]
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module that defines it, one-line help)
-    "demo": ("flowprobe.demo", "run the main job (train on U1 and on moons) and write figures"),
+    "demo": ("flowprobe.demo", "the earlier demo: train on U1 and on moons, write figures (main job: reproduce)"),
     "fit": ("flowprobe.commands.train", "train a flow on data (maximum likelihood) or an energy (reverse KL)"),
     "sample": ("flowprobe.commands.train", "draw samples from a trained flow (the last checkpoint while it trains)"),
     "eval": ("flowprobe.commands.train", "held-out NLL or KL(q‖p) and ESS of a trained flow"),
     "plot": ("flowprobe.commands.train", "figures of a run directory, or 'rezende' for Rezende & Mohamed's Figure 3"),
     "approx1d": ("flowprobe.commands.approx1d", "construct ReLU planar flows approximating a 1-D density (exact TV)"),
     "topology": ("flowprobe.commands.topology", "topology matching: can a flow map q to p exactly, and why not"),
+    "depth": ("flowprobe.commands.depth", "minimum depth T_ε: proven lower bound and measured upper bound, by sweeps"),
+    "vae": ("flowprobe.commands.vae", "VAEs with flow posteriors: train, eval, table (several processes: torchrun)"),
+    "reproduce": ("flowprobe.commands.reproduce", "every claim of the paper, measured: one HTML report with verdicts"),
 }
 
 
@@ -49,6 +52,25 @@ def check_finite(result: Any, where: str = "result") -> None:
     elif isinstance(result, list | tuple):
         for i, value in enumerate(result):
             check_finite(value, f"{where}[{i}]")
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An ``argparse`` type: a finite number."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 USER_ERRORS = (CliError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,

@@ -33,6 +33,7 @@ __all__ = [
     "check_scorable",
     "rezende_table",
     "score",
+    "stage_log_prob",
     "table_markdown",
     "train_and_score",
     "user_file",
@@ -168,6 +169,17 @@ def write_figures(flow: Flow, target: Target, records: list[dict], out: OutputDi
         stages = plot_stages(flow, data=data, title="Source → after layer k → output")
         paths.append(save_figure(stages, out.claim("stages.png")))
     return [str(p) for p in paths]
+
+
+@torch.no_grad()
+def stage_log_prob(flow: Flow, x: Tensor, k: int) -> Tensor:
+    """Exact log-density at ``x`` of stage ``k``: the push-forward of the source by the first ``k``
+    layers, through their inverses (``k = 0``: the source itself)."""
+    logdet = x.new_zeros(x.shape[:-1])
+    for view in reversed(flow.layers[:k]):
+        x, ld = view.inverse(x)
+        logdet = logdet + ld
+    return flow.base.log_prob(x) + logdet
 
 
 def check_scorable(target: Target, config: FitConfig, samples: int = KL_SAMPLES) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from flowprobe.validation import validation  # noqa: E402
 
 __all__ = [
     "density_grid",
+    "figure_png",
     "flow_log_density",
     "plot_density_comparison",
     "plot_flow_grid",
@@ -44,6 +46,16 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    """``fig`` as PNG bytes (closed afterwards), e.g. to embed in a page."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
 
 
 def _scatter_or_hist(ax: Axes, pts: Tensor, colour: Tensor | None) -> None:

@@ -117,6 +117,11 @@ class OutputDir:
         """The bookkeeping directory ``DIR/.flowprobe``."""
         return self.path / META
 
+    @property
+    def dir(self) -> Path:
+        """Where files go now (a training run's staging directory until its first checkpoint)."""
+        return self.meta / "staging" if self.staged is not None else self.path
+
     def __enter__(self) -> OutputDir:
         self.open()
         return self
@@ -238,6 +243,15 @@ class OutputDir:
             self.files[name] = sha256
             self._save_manifest()
 
+    def forget(self, name: str) -> None:
+        """Delete a file flowprobe wrote and drop it from the record."""
+        record = self.staged if self.staged is not None else self.files
+        if name in record:
+            (self.dir / name).unlink(missing_ok=True)
+            del record[name]
+            if record is self.files:
+                self._save_manifest()
+
 
 class RunWriter(OutputDir):
     """The run directory of one training run: a new run, a resumed one, or one replacing an old run.
@@ -249,21 +263,17 @@ class RunWriter(OutputDir):
         path: The run directory.
         mode: ``new`` (the directory must be empty or missing), ``overwrite`` (replace a run, keep
             every file flowprobe did not write) or ``resume``.
+        command: What is writing (named to a second writer that is refused).
     """
 
     MODES = ("new", "overwrite", "resume")
 
-    def __init__(self, path: str | Path, mode: str = "new") -> None:
+    def __init__(self, path: str | Path, mode: str = "new", command: str = "fit") -> None:
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
-        super().__init__(path, "fit")
+        super().__init__(path, command)
         self.mode = mode
         self._created = False
-
-    @property
-    def dir(self) -> Path:
-        """Where the run's files go now (the staging directory until the first checkpoint)."""
-        return self.meta / "staging" if self.staged is not None else self.path
 
     def open(self) -> None:
         """Lock the directory and check it suits the mode.
@@ -335,15 +345,6 @@ class RunWriter(OutputDir):
             super().seal(name, sha256)
         else:
             self.staged[name] = sha256
-
-    def forget(self, name: str) -> None:
-        """Delete a file flowprobe wrote and drop it from the record."""
-        record = self.staged if self.staged is not None else self.files
-        if name in record:
-            (self.dir / name).unlink(missing_ok=True)
-            del record[name]
-            if record is self.files:
-                self._save_manifest()
 
     # -- files of a run --
     def write_json(self, name: str, obj: Any) -> None:

@@ -46,6 +46,17 @@ def test_fused_run_equals_layer_by_layer(case, direction):
     assert_same(evaluate(stack, direction, points, True), evaluate(stack, direction, points, False))
 
 
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "leaky_relu"])
+def test_fused_ensemble_run_equals_layer_by_layer(activation):
+    torch.manual_seed(3)
+    stack = fp.Planar(3, activation, layers=7, ensemble=4, u_max=2.0).double()
+    perturb(stack, 0.5)
+    points = 2 * torch.randn(4, 50, 3, dtype=torch.float64)
+    assert_same(evaluate(stack, "forward", points, True), evaluate(stack, "forward", points, False))
+    x, _ = stack(points)
+    assert type(x.grad_fn).__name__ == "_PlanarMembersRunBackward"
+
+
 @pytest.mark.parametrize("case", KERNEL_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_run_without_autograd_equals_layer_by_layer(case, dtype):

@@ -219,6 +219,22 @@ def test_a_batch_gives_one_estimate_per_leading_index():
     assert len(batch.to_dict()["estimate"]) == 3
 
 
+def test_an_ensemble_of_flows_gives_each_member_its_own_tv_against_any_density():
+    """Members draw (E, N, d); a flowprobe density (points (N, d) only) sees them flattened."""
+    torch.manual_seed(4)
+    flow = fp.build_flow("planar:3:tanh", 2, F64, ensemble=3)
+    target = fp.DiagonalNormal(torch.tensor([0.5, 0.0], dtype=F64), torch.ones(2, dtype=F64))
+    xa, xb = flow.sample(300), target.sample(300)
+    assert xa.shape == (3, 300, 2)
+    batch = tv_combined(flow, target, points_a=xa, points_b=xb)
+    drawn = tv_combined(flow, target, 300)
+    assert batch.estimate.shape == drawn.estimate.shape == (3,)
+    for i in range(3):
+        alone = tv_combined(flow.member(i), target, points_a=xa[i], points_b=xb)
+        assert torch.allclose(alone.estimate, batch.estimate[i], rtol=0, atol=1e-12)
+        assert torch.allclose(alone.high, batch.high[i], rtol=0, atol=1e-12)
+
+
 def test_monte_carlo_from_log_densities():
     rng = np.random.default_rng(0)
     x = rng.standard_normal(200_000)

@@ -47,6 +47,7 @@ __all__ = [
     "LayerView",
     "RawParams",
     "fused_kernels",
+    "fused_kernels_allowed",
     "inner",
     "layer_slice",
     "stream",
@@ -75,17 +76,16 @@ def fused_kernels(enabled: bool) -> Iterator[None]:
         _FUSED = previous
 
 
+def fused_kernels_allowed() -> bool:
+    """Whether fused kernels may run now: switched on (:func:`fused_kernels`) and eager (not traced by
+    ``torch.compile``, not inside a ``torch.func`` transform)."""
+    return _FUSED and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
 def uses_fused_kernels(points: Tensor, shared: bool) -> bool:
     """Whether a run may take its family's fused kernel: ``shared`` parameters (no batch
-    dimensions), points ``(N, d)``, eager (not traced by ``torch.compile`` or inside a ``torch.func``
-    transform), kernels switched on (:func:`fused_kernels`)."""
-    return (
-        _FUSED
-        and shared
-        and points.dim() == 2
-        and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
-    )
+    dimensions), points ``(N, d)``, and :func:`fused_kernels_allowed`."""
+    return shared and points.dim() == 2 and fused_kernels_allowed()
 
 
 def stream(fn: Callable[[Tensor], tuple[Tensor, Tensor]], points: Tensor, width: int) -> tuple[Tensor, Tensor]:
@@ -267,16 +267,16 @@ class FlowLayer(nn.Module):
     def forward_run(self, z: Tensor, p: Any) -> tuple[Tensor, Tensor]:
         """All layers of ``p`` (run layout) in order; families override it with fused kernels."""
         logdet = None
-        for k in range(_layers_in(p)):
-            z, ld = self.transform(z, layer_slice(p, k))
+        for layer in unbind_layers(p):
+            z, ld = self.transform(z, layer)
             logdet = ld if logdet is None else logdet + ld
         return z, logdet  # type: ignore[return-value]
 
     def inverse_run(self, x: Tensor, p: Any) -> tuple[Tensor, Tensor]:
         """All layers of ``p`` (run layout) in reverse order."""
         logdet = None
-        for k in range(_layers_in(p) - 1, -1, -1):
-            x, ld = self.invert(x, layer_slice(p, k))
+        for layer in reversed(unbind_layers(p)):
+            x, ld = self.invert(x, layer)
             logdet = ld if logdet is None else logdet + ld
         return x, logdet  # type: ignore[return-value]
 
@@ -394,9 +394,19 @@ class FlowLayer(nn.Module):
         return ", ".join(parts + ([self._settings()] if self._settings() else []))
 
 
-def _layers_in(p: Any) -> int:
-    first = p if isinstance(p, Tensor) else next(iter(p.values())) if isinstance(p, dict) else p[0]
-    return first.shape[0]
+def unbind_layers(params: Any) -> list[Any]:
+    """Every layer's constrained parameters of a run (layer axis first), by one ``unbind`` per tensor.
+
+    Unlike indexing layer by layer, whose backward writes each layer's gradient into a zero-filled
+    tensor of the whole run (``O(K²)`` work with per-point parameters), the backward of ``unbind``
+    stacks the ``K`` gradients once.
+    """
+    if isinstance(params, Tensor):
+        return list(params.unbind(0))
+    if isinstance(params, dict):
+        columns = {k: v.unbind(0) for k, v in params.items()}
+        return [dict(zip(columns, values)) for values in zip(*columns.values())]
+    return [type(params)(*values) for values in zip(*(v.unbind(0) for v in params))]
 
 
 def _broadcasts(batch: tuple[int, ...], target: tuple[int, ...]) -> bool:

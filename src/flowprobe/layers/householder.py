@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from flowprobe.layers.base import FlowLayer, Invertibility, inner, uses_fused_kernels
 from flowprobe.layers.registry import Option, register
 
-__all__ = ["Householder", "householder_matrix", "reflect"]
+__all__ = ["Householder", "householder_matrix", "reflect", "reflect_all"]
 
 
 def reflect(z: Tensor, v: Tensor) -> Tensor:
@@ -17,10 +19,15 @@ def reflect(z: Tensor, v: Tensor) -> Tensor:
     ``v`` is rescaled by its largest entry first, so that ``‖v‖²`` neither underflows (``v ~ 1e-155``
     would otherwise give a matrix that is no reflection) nor overflows.
     """
-    scale = v.abs().amax(-1, keepdim=True)
-    v = v / torch.where(scale > 0, scale, torch.ones_like(scale))
+    v = _rescaled(v)
     v_sq = inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)
     return z - (2 * inner(z, v) / v_sq).unsqueeze(-1) * v
+
+
+def _rescaled(v: Tensor) -> Tensor:
+    """``v / max_i |v_i|`` along the last dimension (``v = 0`` stays 0)."""
+    scale = v.abs().amax(-1, keepdim=True)
+    return v / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def householder_matrix(vectors: Tensor, dim: int, columns: int) -> Tensor:
@@ -33,6 +40,11 @@ def householder_matrix(vectors: Tensor, dim: int, columns: int) -> Tensor:
     return q
 
 
+def _in_order(v: Tensor) -> Tensor:
+    """A run's reflection vectors ``(K, ..., T, d)`` as one sequence ``(..., K·T, d)`` in the order applied."""
+    return v.movedim(0, -3).flatten(-3, -2)
+
+
 def _run_matrix(v: Tensor) -> Tensor:
     """The ``d × d`` matrix ``A`` with ``x = z A`` for a shared run with reflection vectors ``(K, T, d)``."""
     k, t, d = v.shape
@@ -43,6 +55,60 @@ def _run_matrix(v: Tensor) -> Tensor:
 
 
 MAX_REFLECTIONS = 4096  # per layer: each reflection is a step of a Python loop
+
+
+def reflect_all(z: Tensor, v: Tensor) -> Tensor:
+    """``H_m ⋯ H_1 z`` for reflection vectors ``v`` ``(..., m, d)`` (``H_1`` first; ``v = 0`` is the
+    identity): the vectors are rescaled as in :func:`reflect` and normalised at once, then each
+    reflection is one fused update ``z ← z − 2 (zᵀû) û``. ``z`` is ``(..., d)``, its leading
+    dimensions broadcasting against ``v``'s.
+
+    With autograd, one vector set per point (``z.shape[:-1] == v.shape[:-2]``) and the fused kernels
+    on, the reflections run as :class:`_Reflections` (analytic backward, about half the operations).
+    """
+    v = _rescaled(v)
+    unit = v * torch.rsqrt(inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)).unsqueeze(-1)
+    # uses_fused_kernels' "shared" gate: here, the per-point layout that _Reflections' backward assumes
+    if torch.is_grad_enabled() and uses_fused_kernels(z, z.shape[:-1] == unit.shape[:-2]):
+        return _Reflections.apply(z, unit)
+    for u in unit.unbind(-2):
+        z = _reflect_unit(z, u)
+    return z
+
+
+def _reflect_unit(z: Tensor, u: Tensor) -> Tensor:
+    """``z − 2 (zᵀu) u`` for a unit vector ``u``."""
+    return torch.addcmul(z, inner(z, u).unsqueeze(-1), u, value=-2)
+
+
+class _Reflections(torch.autograd.Function):
+    """``y_t = H_t y_{t−1} = y_{t−1} − 2 (y_{t−1}ᵀu_t) u_t``, ``t = 1 … m``, for unit vectors ``u``
+    ``(N, m, d)`` and points ``y_0 = z`` ``(N, d)``, with an analytic backward.
+
+    Backward (``g`` = ∂L/∂y_t, going down from ``t = m``; ``H_t`` is symmetric):
+    ``∂L/∂u_t = −2 ((gᵀu_t) y_{t−1} + (y_{t−1}ᵀu_t) g)``, then ``g ← H_t g``. The forward keeps every
+    reflection's input; the ``u`` gradients are formed at once from the stacked inputs and ``g``'s.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, unit: Tensor) -> Tensor:
+        inputs = []
+        for u in unit.unbind(-2):
+            inputs.append(z)
+            z = _reflect_unit(z, u)
+        ctx.save_for_backward(unit, torch.stack(inputs, -2))
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        unit, inputs = ctx.saved_tensors
+        grads = []
+        for u in reversed(unit.unbind(-2)):
+            grads.append(grad)
+            grad = _reflect_unit(grad, u)
+        outs = torch.stack(grads[::-1], -2)  # ∂L/∂y_t for t = 1 … m
+        grad_unit = -2 * (inner(outs, unit).unsqueeze(-1) * inputs + inner(inputs, unit).unsqueeze(-1) * outs)
+        return grad, grad_unit
 
 
 def _check_reflections(reflections: int) -> int:
@@ -64,7 +130,8 @@ class Householder(FlowLayer):
     Log-det: 0 (each reflection has determinant −1, ``|det| = 1``).
     Constraint: none (``v_t = 0`` is treated as the identity).
     Inverse: exact, ``z = H_1 \cdots H_k x`` (each reflection is its own inverse). A run with
-    shared parameters is applied as one ``d × d`` matrix.
+    shared parameters is applied as one ``d × d`` matrix; one with batched (per-point or ensemble)
+    parameters reflects the points with every layer's normalised vectors in turn (:func:`reflect_all`).
 
     Args:
         dim: Dimension.
@@ -91,24 +158,20 @@ class Householder(FlowLayer):
         return raw["v"]
 
     def transform(self, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        for t in range(self.reflections):
-            z = reflect(z, v[..., t, :])
-        return z, z.new_zeros(z.shape[:-1])
+        return reflect_all(z, v), z.new_zeros(z.shape[:-1])
 
     def invert(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        for t in range(self.reflections - 1, -1, -1):
-            x = reflect(x, v[..., t, :])
-        return x, x.new_zeros(x.shape[:-1])
+        return reflect_all(x, v.flip(-2)), x.new_zeros(x.shape[:-1])
 
     def forward_run(self, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if not uses_fused_kernels(z, v.dim() == 3):
-            return super().forward_run(z, v)
-        return z @ _run_matrix(v), z.new_zeros(z.shape[0])
+        if uses_fused_kernels(z, v.dim() == 3):
+            return z @ _run_matrix(v), z.new_zeros(z.shape[0])
+        return reflect_all(z, _in_order(v)), z.new_zeros(z.shape[:-1])
 
     def inverse_run(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if not uses_fused_kernels(x, v.dim() == 3):
-            return super().inverse_run(x, v)
-        return x @ _run_matrix(v).transpose(-1, -2), x.new_zeros(x.shape[0])
+        if uses_fused_kernels(x, v.dim() == 3):
+            return x @ _run_matrix(v).transpose(-1, -2), x.new_zeros(x.shape[0])
+        return reflect_all(x, _in_order(v).flip(-2)), x.new_zeros(x.shape[:-1])
 
     def invertibility(self, layer: int | None = None) -> Invertibility:
         return Invertibility(True, 1.0, "always (orthogonal)")

@@ -7,7 +7,7 @@ way, with the analytic backwards of :class:`~flowprobe.layers.planar._PlanarRun`
 :class:`~flowprobe.layers.radial._RadialRun` (the tests compare them to ``1e-12``).
 
 They are an accelerator, never a requirement: the module is built with PyTorch's C++ extension
-loader into ``~/.cache/flowprobe`` (``FLOWPROBE_CACHE``) by ``python -m flowprobe.layers.native``
+loader into ``~/.cache/flowprobe`` (``FLOWPROBE_CACHE``) by :func:`main`
 (``make install`` does it), or by :func:`kernels` when asked to; without a C++ compiler, or with
 ``FLOWPROBE_NATIVE=0``, every run uses the PyTorch kernels. A built module is used for CPU runs of
 activations that declare a compiled implementation (:attr:`~flowprobe.activations.Activation.native`).
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -114,7 +113,7 @@ class NativeRun(torch.autograd.Function):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flowprobe.layers.native``: build the module now (prints where, or why not)."""
+    """Build the module now and print where, or why not (``make install`` calls it)."""
     del argv
     module = kernels(build=True)
     if module is None:
@@ -123,6 +122,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"flowprobe: compiled run kernels ready in {build_directory()}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

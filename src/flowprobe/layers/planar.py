@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from flowprobe.activations import ACTIVATIONS, Activation, get_activation
 from flowprobe.layers import native
-from flowprobe.layers.base import FlowLayer, Invertibility, inner, uses_fused_kernels
+from flowprobe.layers.base import FlowLayer, Invertibility, fused_kernels_allowed, inner, uses_fused_kernels
 from flowprobe.layers.registry import Option, activation_option, register
 from flowprobe.layers.scalar import (
     eager,
@@ -147,6 +147,8 @@ class Planar(FlowLayer):
 
     def forward_run(self, z: Tensor, p: PlanarParams) -> tuple[Tensor, Tensor]:
         if not uses_fused_kernels(z, p.u.dim() == 2):
+            if _members(z, p) and needs_grad(z, p) and fused_kernels_allowed():
+                return _PlanarMembersRun.apply(z, *(t.squeeze(2) for t in p), self.act)
             return super().forward_run(z, p)
         if not needs_grad(z, p):
             return _forward_eval(z, p, self.act)
@@ -266,6 +268,57 @@ class _PlanarRun(torch.autograd.Function):
             torch.mv(g.t(), hidden[i], out=grad_u[i])
             g = torch.addr(g, d_pre_i, ws[i])
         return g, grad_u, weighted_sums(d_pre, inputs), d_pre.sum(1), grad_wu, None
+
+
+# -- the forward kernel of an ensemble's runs: u, w (K, E, d), b, α (K, E), points (E, N, d) ---------
+def _members(z: Tensor, p: PlanarParams) -> bool:
+    """Whether ``p`` (run layout) holds one parameter set per member of an ensemble of points ``z``
+    ``(E, N, d)``: ``û, w`` ``(K, E, 1, d)``, ``b, α`` ``(K, E, 1)``."""
+    if z.dim() != 3:
+        return False
+    members = (p.u.shape[0], z.shape[0], 1)
+    return p.u.shape == p.w.shape == (*members, z.shape[-1]) and p.b.shape == p.wu.shape == members
+
+
+class _PlanarMembersRun(torch.autograd.Function):
+    """:class:`_PlanarRun` for the ``E`` members of an ensemble at once, same formulas member by member.
+
+    Points are kept as ``(E, d, N)`` (points innermost, so that every op runs along ``N`` whatever ``d``),
+    and each layer is three batched ops over the members forward (``pre = b + wᵀx``, ``h(pre)``,
+    ``x ← x + û h(pre)``) and four backward, whatever ``E``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, u: Tensor, w: Tensor, b: Tensor, wu: Tensor, act: Activation) -> Any:
+        k, (e, n, d) = u.shape[0], z.shape
+        inputs = z.new_empty(k, e, d, n)
+        inputs[0] = z.transpose(1, 2)
+        pre = z.new_empty(k, e, 1, n)
+        points = inputs.unbind(0)
+        for i in range(k):
+            torch.baddbmm(b[i].view(e, 1, 1), w[i].unsqueeze(1), points[i], out=pre[i])
+            x = torch.addcmul(points[i], u[i].unsqueeze(-1), act.fn(pre[i]), out=points[i + 1] if i + 1 < k else None)
+        pre = pre.squeeze(2)
+        ctx.save_for_backward(inputs, pre, u, w, wu)
+        ctx.act = act
+        return x.transpose(1, 2), log_slopes(pre, wu, act)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_x: Tensor, grad_logdet: Tensor) -> tuple:
+        inputs, pre, u, w, wu = ctx.saved_tensors
+        k, e, d, n = inputs.shape
+        slope, d_pre, grad_wu = (t.view(k, e, *t.shape[1:]) for t in log_slopes_grads(
+            pre.flatten(0, 1), wu.flatten(), grad_logdet.expand(k, e, n).flatten(0, 1), ctx.act))
+        hidden = ctx.act.fn(pre)
+        grad_u = u.new_empty(u.shape)
+        g = grad_x.transpose(1, 2)  # ∂L/∂(output of layer i), (E, d, N)
+        for i in range(k - 1, -1, -1):
+            d_pre_i = d_pre[i].addcmul_(slope[i], torch.bmm(u[i].unsqueeze(1), g).squeeze(1))
+            torch.bmm(g, hidden[i].unsqueeze(-1), out=grad_u[i].unsqueeze(-1))
+            g = torch.addcmul(g, w[i].unsqueeze(-1), d_pre_i.unsqueeze(1))
+        grad_w = torch.bmm(inputs.flatten(0, 1), d_pre.flatten(0, 1).unsqueeze(-1)).view(k, e, d)
+        return g.transpose(1, 2), grad_u, grad_w, d_pre.sum(-1), grad_wu, None
 
 
 def _roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:

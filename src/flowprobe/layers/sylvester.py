@@ -376,6 +376,7 @@ class _InverseJacobian(torch.autograd.Function):
         return v
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple:
         q, r, r_tilde, slopes = ctx.saved_tensors
         for k in range(q.shape[0]):

@@ -5,5 +5,7 @@
 * ``topology``: topology matching — the gradient-set rank, the Gaussian neuron bound and its floor,
   the ReLU pointwise condition; ``topology_experiments`` trains flows on these results and
   ``topology_figures`` draws them.
+* ``depth`` (with ``depth_pairs``, ``depth_experiments``, ``depth_figures``): minimum depth — proven
+  lower bounds, the two constructions, brackets measured by sweeps of ensemble training runs.
 * ``tv``: total variation — closed forms, exact on R, Monte Carlo with confidence intervals in R^d.
 """

@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # matplotlib is imported by the figure functions only (start-
 __all__ = [
     "Construction",
     "PiecewiseLinearMap",
+    "collapsed_tv",
     "construct",
     "convergence_study",
     "knot_density",
@@ -397,9 +398,7 @@ class Construction:
     def tv(self, tol: float = 1e-10) -> float:
         """Exact ``TV(f#q, p)`` by per-piece quadrature (cached)."""
         if tol not in self._tv:
-            ends = np.array(self.target.support)
-            breakpoints = np.concatenate([self.map.x_knots, ends[np.isfinite(ends)]])
-            self._tv[tol] = tv_quadrature(self.target.log_pdf, self.map.log_prob, breakpoints, tol=tol)
+            self._tv[tol] = collapsed_tv(self.map, self.target, tol)
         return self._tv[tol]
 
     def tv_monte_carlo(self, samples: int = 200_000, level: float = 0.99, seed: int = 0) -> TVEstimate:
@@ -408,6 +407,14 @@ class Construction:
         z = self.map.loc + self.map.scale * np.random.default_rng(seed).standard_normal(samples)
         x = self.map.forward(z)
         return tv_monte_carlo(self.map.log_prob(x), self.target.log_pdf(x), level)
+
+
+def collapsed_tv(pwl: PiecewiseLinearMap, target: Target1D, tol: float = 1e-10) -> float:
+    """Exact ``TV(f#q, p)`` of a collapsed flow (:class:`PiecewiseLinearMap`, e.g. of a trained 1-D
+    ReLU planar flow) by per-piece quadrature, with breakpoints at its knots and the target's finite ends."""
+    ends = np.array(target.support)
+    breakpoints = np.concatenate([pwl.x_knots, ends[np.isfinite(ends)]])
+    return tv_quadrature(target.log_pdf, pwl.log_prob, breakpoints, tol=tol)
 
 
 def _relu_stack(plan: list[tuple[float, float, int]], min_slope: float) -> Planar:

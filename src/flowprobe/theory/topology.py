@@ -37,7 +37,7 @@ from torch import Tensor
 from flowprobe.activations import Activation
 from flowprobe.flow import Flow
 from flowprobe.layers import FlowLayer, LayerView
-from flowprobe.layers.base import layer_slice
+from flowprobe.layers.base import fused_kernels, layer_slice
 from flowprobe.theory.tv import isotropic_normal_tv
 
 __all__ = [
@@ -378,8 +378,12 @@ def off_kink_points(flow: Flow, count: int, margin: float = 1e-6) -> Tensor:
 
 
 def _gradient_and_hessian(density: LogDensity, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``∇ log density`` and ``∇² log density`` at each point, ``(N, d)`` and ``(N, d, d)``."""
-    with torch.enable_grad():
+    """``∇ log density`` and ``∇² log density`` at each point, ``(N, d)`` and ``(N, d, d)``.
+
+    Twice differentiated, so a flow's layers run layer by layer (the fused run kernels' backwards are
+    once-differentiable: :func:`~flowprobe.layers.base.fused_kernels`).
+    """
+    with torch.enable_grad(), fused_kernels(False):
         x = x.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(density.log_prob(x).sum(), x, create_graph=True)
         rows = [torch.autograd.grad(grad[:, i].sum(), x, retain_graph=True)[0] for i in range(x.shape[1])]

@@ -19,8 +19,10 @@ estimator here is in ``docs/theory/tv.md``.
 A *density* is anything with ``log_prob(x)`` and ``sample(n)``: a flowprobe
 :class:`~flowprobe.Density` or :class:`~flowprobe.Flow`, or a ``torch.distributions.Distribution``
 (drawn with ``sample((n,))``; a scalar event shape is read as points of shape ``(N, 1)``). Points
-have shape ``(..., N, d)``: the estimators reduce over ``N`` only, so leading dimensions (e.g. the
-members of an ensemble of flows) give one TV each, as far as the densities accept them.
+have shape ``(..., N, d)``: the estimators reduce over ``N`` only, so leading dimensions give one TV
+each. An ensemble of flows (``ensemble_shape = E``) draws ``(E, N, d)`` and evaluates them member by
+member, one TV per member; every other density sees such points flattened to ``(E·N, d)``, so a
+flowprobe :class:`~flowprobe.Density` or a user's object works as the other side of an ensemble.
 
 References:
     Z. Kong, K. Chaudhuri. The Expressive Power of a Class of Normalizing Flow Models.
@@ -385,6 +387,8 @@ class _Density:
 
     def _log_prob(self, x: Tensor) -> Tensor:
         if not self.torch:
+            if x.dim() > 2 and not getattr(self.density, "ensemble_shape", ()):  # one density: points (M, d)
+                return self.density.log_prob(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
             return self.density.log_prob(x)
         value = (x[..., 0] if self.scalar else x).movedim(x.dim() - 2, 0)
         return self.density.log_prob(value).movedim(0, -1)
