@@ -141,7 +141,7 @@ def test_cli_injected_failure_and_bad_input(tmp_path, monkeypatch, capsys):
     results = json.loads((out / "results.json").read_text())
     status = {s["key"]: s["status"] for s in results["sections"]}
     assert status == {"stages": "error", "two_layer": "holds", "approx1d": "not run", "topology": "not run",
-                      "relu": "not run", "depth": "unavailable", "rezende": "not run", "vae": "unavailable"}
+                      "relu": "not run", "depth": "not run", "rezende": "not run", "vae": "not run"}
     assert results["command"].startswith("flowprobe ")
     check_page_against_results(out)
     for args, message in ((["--only", "nope", "--out", str(out)], "unknown section 'nope'"),
