@@ -565,7 +565,8 @@ def main(argv: list[str] | None = None) -> dict:
         memory_child(lib, family, int(k), int(n), measure)
         return {}
     torch.set_num_threads(THREADS)
-    torch.set_default_device(args.device)
+    if args.device != "cpu":  # a default-device mode intercepts every torch call: only where needed
+        torch.set_default_device(args.device)
     if args.quick:
         args.reps, args.target = 3, 0.1
     prefixes = [p for p in args.rows.split(",") if p]
