@@ -90,12 +90,13 @@ class Flow(nn.Module):
         return list(params)
 
     def _run(self, points: Tensor, params: StackParams, inverse: bool) -> tuple[Tensor, Tensor]:
-        pairs = list(zip(self.stacks, self._stack_params(params)))
+        # constrained once per call, not per chunk (they depend on the points' rank only)
+        pairs = [(stack, stack.constrain(stack._run_raw(points, p)))
+                 for stack, p in zip(self.stacks, self._stack_params(params), strict=True)]
 
         def run(chunk: Tensor) -> tuple[Tensor, Tensor]:
             logdet = chunk.new_zeros(chunk.shape[:-1])
-            for stack, p in reversed(pairs) if inverse else pairs:
-                constrained = stack.constrain(stack._run_raw(chunk, p))
+            for stack, constrained in reversed(pairs) if inverse else pairs:
                 chunk, ld = stack.inverse_run(chunk, constrained) if inverse else stack.forward_run(chunk, constrained)
                 logdet = logdet + ld
             return chunk, logdet

@@ -98,9 +98,10 @@ def stream(fn: Callable[[Tensor], tuple[Tensor, Tensor]], points: Tensor, width:
     """
     n = points.shape[-2]
     chunk = max(1024, STREAM_BYTES // max(1, width * points.element_size()))
-    if torch.is_grad_enabled() or n <= chunk:
+    if torch.is_grad_enabled() or n <= 2 * chunk:  # up to twice the budget rather than a sliver of a chunk
         return fn(points)
-    outs = [fn(part) for part in points.split(chunk, dim=-2)]
+    parts = -(-n // chunk)
+    outs = [fn(part) for part in points.split(-(-n // parts), dim=-2)]  # equal chunks
     return torch.cat([o[0] for o in outs], dim=-2), torch.cat([o[1] for o in outs], dim=-1)
 
 

@@ -271,7 +271,7 @@ class Sylvester(FlowLayer):
 def _log_slopes(act: Activation, pre: Tensor, h: Tensor, diag: Tensor) -> Tensor:
     """``Σ_i log(1 + h'(pre_i) diag_i)`` over the last axis, reusing ``h`` when ``h'`` is a function of it."""
     slope = act.derivative(pre) if act.derivative_from_value is None else act.derivative_from_value(h)
-    return torch.log1p(slope * diag).sum(-1)
+    return torch.log(torch.addcmul(torch.ones_like(diag), slope, diag)).sum(-1)  # log: vectorised, log1p is not
 
 
 def _newton_inverse(x: Tensor, p: SylvesterParams, act: Activation) -> tuple[Tensor, Tensor] | None:
