@@ -79,6 +79,25 @@ class Model:
         raise NotImplementedError
 
 
+def canonical_weights(modules: list, seed: int = 0) -> list:
+    """Raw parameters drawn layer by layer, by name, from N(0, 0.5²) with one generator, in place.
+
+    Layers of one version of flowprobe and stacks of another get the very same values, so that a
+    side-by-side comparison of two checkouts times the same flow (a no-grad inverse's cost depends
+    on the weights: fixed Newton budgets or the safeguarded fallback, denormals in saturated tanh).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            params = sorted(module.named_parameters(recurse=False))
+            depth = getattr(module, "depth", None)
+            for k in range(depth or 1):
+                for _, p in params:
+                    target = p[k] if depth else p
+                    target.copy_(0.5 * torch.randn(target.shape, generator=gen, dtype=p.dtype))
+    return modules
+
+
 class FlowprobeModel(Model):
     def __init__(self, layers: list, dim: int) -> None:
         self.flow = fp.Flow(fp.StandardNormal(dim), layers)
@@ -192,7 +211,7 @@ def build(lib: str, family: str, k: int, d: int) -> Model | str:
             "sylvester-T": lambda: fp.Sylvester(d, kind="triangular", layers=k),  # alternating flips
             "householder": lambda: fp.Householder(d, reflections=refl, layers=k),
         }[family]
-        return FlowprobeModel([stack()], d)
+        return FlowprobeModel(canonical_weights([stack()]), d)
     if lib == "normflows":
         import normflows as nf
 
