@@ -4,7 +4,6 @@ import importlib.util
 import io
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.processes import kill_9_when
 
 from flowprobe.sweep import (
     COLUMNS,
@@ -414,19 +414,14 @@ def test_ray_gives_the_rows_of_local_workers(ray_local, local_store, tmp_path):
 def test_kill_9_loses_only_the_runs_in_flight(tmp_path):
     path = tmp_path / "s.sqlite"
     driver = _driver(path, "sleepy", "sleepy", 20, 2, 0.4)
-    deadline = time.monotonic() + 90
-    while True:  # read the store read-only while the driver writes it
-        assert time.monotonic() < deadline, driver.stderr.read() if driver.poll() is not None else "too slow"
-        if path.exists():
-            try:
-                with Store(path, readonly=True) as store:
-                    if store.counts()["ok"] >= 3:
-                        break
-            except ValueError:  # created but not yet initialised
-                pass
-        time.sleep(0.05)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
+
+    def three_done() -> bool:  # the store, read-only while the driver writes it
+        if not path.exists():
+            return False
+        with Store(path, readonly=True) as store:
+            return store.counts()["ok"] >= 3
+
+    kill_9_when(driver, three_done, timeout=90)
     before = _rows(path)
     assert 3 <= len(before) < 20
     summary = run_sweep(

@@ -3,14 +3,13 @@
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from scipy.special import ndtri
+from tests.processes import kill_9_when
 
 from flowprobe.cli import main
 from flowprobe.sweep import Store, run_sweep
@@ -95,18 +94,7 @@ def _driver(store, *extra):
 def test_kill_9_then_rerun_completes_only_the_missing_runs(capsys, tmp_path):
     store = tmp_path / "k.sqlite"
     driver = _driver(store)
-    deadline = time.monotonic() + 120
-    while True:
-        assert time.monotonic() < deadline and driver.poll() is None, driver.stderr.read() if driver.poll() else ""
-        if store.exists():
-            try:
-                if len(_rows(store)) >= 1:
-                    break
-            except ValueError:  # created but not yet initialised
-                pass
-        time.sleep(0.05)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
+    kill_9_when(driver, lambda: store.exists() and len(_rows(store)) >= 1, timeout=120)
     before = _rows(store)
     assert 1 <= len(before) < 8
     out = run_json(capsys, "householder", "--dims", "2,4", "--depths", "0,1,2,3", "--store", str(store),
