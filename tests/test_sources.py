@@ -171,10 +171,13 @@ def test_specs_name_a_source_and_stay_backward_compatible():
     assert default_spec(5000).startswith("gaussian:diag>")
 
 
-def test_fit_with_init_source_starts_from_the_gaussian_and_never_ends_worse_on_validation():
+@pytest.mark.parametrize("spec", ["householder:1", "planar:3", "radial:3", "sylvester:2:orthogonal:m=2",
+                                  "sylvester:2:triangular+householder:1+radial:2"])
+def test_fit_with_init_source_starts_from_the_gaussian_and_never_ends_worse_on_validation(spec):
+    """Layers start at the identity (Householder: a rotation), so the step-0 flow is the data's Gaussian."""
     x = load_data("iris")
     torch.manual_seed(0)
-    flow = fp.build_flow("gaussian:full>householder:1", 4, F64)
+    flow = fp.build_flow(f"gaussian:full>{spec}", 4, F64)
     history = fp.fit(flow, data=x, steps=20, lr=1.0, log_every=10, init_source=True)  # lr 1: training only hurts
     train, val = split_data(x, 0.1, 0)
     assert history.best_step == 0

@@ -78,10 +78,12 @@ class FitConfig:
             ``E_q[log q + βU]`` rises linearly from 0.01 to 1, as in Rezende & Mohamed (2015); 0 disables
             it. The default 0.5 keeps reverse KL from settling with a mode under-weighted (U1, planar
             K = 32: without it 2 of 4 seeds ended above KL 0.03).
-        init_source: Data only: before the first step, set the flow's Gaussian source to the
-            maximum-likelihood Gaussian of the training split pulled back through the layers
-            (:func:`flowprobe.sources.initialise`; each ensemble member from its own split), and count
-            that flow as a candidate for the best weights (``best_step = 0``).
+        init_source: Data only: before the first step, start every layer at the identity map where its
+            family has one (:meth:`~flowprobe.layers.base.FlowLayer.start_at_identity`), set the flow's
+            Gaussian source to the maximum-likelihood Gaussian of the training split pulled back through
+            the layers (:func:`flowprobe.sources.initialise`; each ensemble member from its own split), and
+            count that flow as a candidate for the best weights (``best_step = 0``). With identity and
+            orthogonal (Householder) layers the starting flow is the data's maximum-likelihood Gaussian.
     """
 
     steps: int = 20_000
@@ -282,6 +284,8 @@ def fit(
         native.kernels(build=True)  # a long run repays building the compiled run kernels (once per machine)
     loop = _Loop(flow, config, train, val, energy, writer, callback, seeds)
     if config.init_source and not (writer is not None and writer.mode == "resume"):
+        for stack in flow.stacks:
+            stack.start_at_identity()
         initialise(flow, loop._points(list(train)))
         with validation(False):
             loop.validate_start()

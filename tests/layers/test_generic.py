@@ -193,3 +193,30 @@ def test_a_custom_activation_is_handled_exactly(family):
         with torch.set_grad_enabled(grad):
             z_back, logdet_inv = layer.inverse(x.detach())
         assert (z_back - z).abs().max() < 1e-10 and (logdet + logdet_inv).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", NAMES)
+def test_start_at_identity_is_the_identity_and_training_can_leave_it(name, dtype):
+    layer = make(name, layers=3, ensemble=2, dtype=dtype)
+    perturb(layer)
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    if not layer.start_at_identity():  # a family without an identity is left exactly as it was
+        assert all(torch.equal(p, before[n]) for n, p in layer.named_parameters())
+        assert layer.identity_raw(layer.own_raw()) is None
+        return
+    z = (3 * torch.randn(2, 64, 3, dtype=torch.float64)).to(dtype)
+    x, logdet = layer(z)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert (x - z).abs().max() < tol and logdet.abs().max() < tol
+    (x.pow(3).sum() + logdet.sum()).backward()  # a first gradient step moves the layers off the identity
+    assert sum(float(p.grad.abs().sum()) for p in layer.parameters()) > 1e-3
+    assert layer.family != "householder"  # reflections have no identity; every other built-in family has one
+
+
+def test_no_identity_where_the_constraint_excludes_it():
+    """``ε = 1`` keeps planar's ``α`` and radial's ``β`` strictly positive: no identity, nothing changed."""
+    for layer in (fp.Planar(3, min_slope=1.0), fp.Radial(3, min_slope=1.0)):
+        before = [p.detach().clone() for p in layer.parameters()]
+        assert not layer.start_at_identity()
+        assert all(torch.equal(p, q) for p, q in zip(layer.parameters(), before, strict=True))

@@ -183,6 +183,23 @@ class FlowLayer(nn.Module):
         """One layer's raw parameters (unbatched shapes), drawn from torch's global RNG."""
         raise NotImplementedError
 
+    def identity_raw(self, raw: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """Raw parameters (any leading shape) that make each layer the identity map, the values a first
+        gradient step needs left as given (so that training can leave the identity); ``None`` where the
+        family, with these settings, has no such point. :meth:`start_at_identity` applies it."""
+        return None
+
+    def start_at_identity(self) -> bool:
+        """Make every layer (and ensemble member) the identity map (:meth:`identity_raw`); returns whether
+        it could (a family without an identity is left unchanged)."""
+        new = self.identity_raw(self.own_raw())
+        if new is None:
+            return False
+        with torch.no_grad():
+            for name, value in new.items():
+                self._parameters[name].copy_(value)
+        return True
+
     def _init_parameters(self) -> None:
         """Register the raw parameters ``(*E, K, *shape)``, drawn member by member, layer by layer.
 

@@ -129,6 +129,8 @@ class Householder(FlowLayer):
 
     Log-det: 0 (each reflection has determinant −1, ``|det| = 1``).
     Constraint: none (``v_t = 0`` is treated as the identity).
+    No identity to start at (:meth:`~flowprobe.layers.base.FlowLayer.start_at_identity` leaves it): ``v_t = 0``
+    has no gradient to leave by, and a Gaussian source pulled back through a rotation is the same Gaussian.
     Inverse: exact, ``z = H_1 \cdots H_k x`` (each reflection is its own inverse). A run with
     shared parameters is applied as one ``d × d`` matrix; one with batched (per-point or ensemble)
     parameters reflects the points with every layer's normalised vectors in turn (:func:`reflect_all`).

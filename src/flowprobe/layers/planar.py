@@ -119,6 +119,14 @@ class Planar(FlowLayer):
         scale = self.dim**-0.5
         return {"u": torch.randn(self.dim) * scale, "w": torch.randn(self.dim) * scale, "b": torch.zeros(())}
 
+    def identity_raw(self, raw: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """``û = 0``: ``u ∥ w`` with ``wᵀu = m⁻¹(0) = softplus⁻¹(1 − ε)`` (none for ``ε = 1``, where ``α > 0``)."""
+        if self.min_slope == 1:
+            return None
+        w = raw["w"]
+        target = inverse_softplus(w.new_tensor(1 - self.min_slope))
+        return raw | {"u": (target / inner(w, w).clamp_min(torch.finfo(w.dtype).tiny)).unsqueeze(-1) * w}
+
     @property
     def _alpha_floor(self) -> float:
         return (self.min_slope - 1) / self.act.sup_derivative

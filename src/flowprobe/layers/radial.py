@@ -95,6 +95,13 @@ class Radial(FlowLayer):
     def init_raw(self) -> dict[str, Tensor]:
         return {"z0": torch.randn(self.dim), "alpha": torch.zeros(()), "beta": torch.zeros(())}
 
+    def identity_raw(self, raw: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """``β = 0`` (none for ``ε = 1``, where ``β > 0``)."""
+        if self.min_slope == 1:
+            return None
+        alpha = F.softplus(raw["alpha"]) + MIN_ALPHA
+        return raw | {"beta": inverse_softplus((1 - self.min_slope) * alpha)}
+
     def constrain(self, raw: dict[str, Tensor]) -> RadialParams:
         alpha = F.softplus(raw["alpha"]) + MIN_ALPHA
         beta = -(1 - self.min_slope) * alpha + F.softplus(raw["beta"])

@@ -156,6 +156,10 @@ class Sylvester(FlowLayer):
         raw |= {"D": torch.randn(m, m) * (0.1 / m**0.5), "d1": torch.randn(m) * 0.5, "d2": torch.randn(m) * 0.5}
         return raw | {"b": torch.zeros(m)}
 
+    def identity_raw(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``R = 0`` (the strict upper triangle of ``D`` and ``d1`` zero); ``R̃``, ``Q`` and ``b`` unchanged."""
+        return raw | {"D": raw["D"].tril(), "d1": torch.zeros_like(raw["d1"])}
+
     def _basis(self, raw: dict[str, Tensor]) -> Tensor:
         if self.kind == "orthogonal":
             return torch.linalg.qr(raw["q"]).Q
@@ -444,6 +448,10 @@ class GeneralSylvester(FlowLayer):
         b = torch.randn(self.dim, self.hidden) * (1.0 / self.dim**0.5)
         bound = float(torch.linalg.matrix_norm(b.t() @ a, ord=2)) * self.act.sup_derivative
         return {"A": a * min(1.0, 0.5 / max(bound, 1e-300)), "B": b, "b": torch.zeros(self.hidden)}
+
+    def identity_raw(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``A = 0``."""
+        return raw | {"A": torch.zeros_like(raw["A"])}
 
     def constrain(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
         return raw
