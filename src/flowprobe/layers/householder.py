@@ -14,14 +14,8 @@ __all__ = ["Householder", "householder_matrix", "reflect", "reflect_all"]
 
 
 def reflect(z: Tensor, v: Tensor) -> Tensor:
-    """``(I − 2vvᵀ/‖v‖²) z`` for points ``z`` (..., d) and ``v`` (..., d); ``v = 0`` is the identity.
-
-    ``v`` is rescaled by its largest entry first, so that ``‖v‖²`` neither underflows (``v ~ 1e-155``
-    would otherwise give a matrix that is no reflection) nor overflows.
-    """
-    v = _rescaled(v)
-    v_sq = inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)
-    return z - (2 * inner(z, v) / v_sq).unsqueeze(-1) * v
+    """``(I − 2vvᵀ/‖v‖²) z`` for points ``z`` (..., d) and ``v`` (..., d); ``v = 0`` is the identity."""
+    return _reflect_unit(z, _unit_vectors(v))
 
 
 def _rescaled(v: Tensor) -> Tensor:
@@ -30,14 +24,26 @@ def _rescaled(v: Tensor) -> Tensor:
     return v / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def _unit_vectors(v: Tensor) -> Tensor:
+    """``v/‖v‖`` along the last dimension (``v = 0`` stays 0). ``v`` is rescaled by its largest entry
+    first, so that ``‖v‖²`` neither underflows (``v ~ 1e-155`` would otherwise give a matrix that is no
+    reflection) nor overflows."""
+    v = _rescaled(v)
+    return v * torch.rsqrt(inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)).unsqueeze(-1)
+
+
+def _reflect_unit(z: Tensor, u: Tensor) -> Tensor:
+    """``z − 2 (zᵀu) u`` for a unit vector ``u``."""
+    return torch.addcmul(z, inner(z, u).unsqueeze(-1), u, value=-2)
+
+
 def householder_matrix(vectors: Tensor, dim: int, columns: int) -> Tensor:
     """First ``columns`` columns of ``H_1 H_2 ⋯ H_T`` for reflection vectors ``(..., T, dim)``."""
     eye = torch.eye(dim, columns, dtype=vectors.dtype, device=vectors.device)
-    q = eye.expand(*vectors.shape[:-2], dim, columns)
-    for t in reversed(range(vectors.shape[-2])):
-        v = vectors[..., t, :].unsqueeze(-2)  # (..., 1, d)
-        q = reflect(q.transpose(-1, -2), v).transpose(-1, -2)
-    return q
+    q = eye.expand(*vectors.shape[:-2], dim, columns).transpose(-1, -2)  # rows: the columns of the product
+    for u in reversed(_unit_vectors(vectors).unbind(-2)):
+        q = _reflect_unit(q, u.unsqueeze(-2))
+    return q.transpose(-1, -2)
 
 
 def _in_order(v: Tensor) -> Tensor:
@@ -47,10 +53,10 @@ def _in_order(v: Tensor) -> Tensor:
 
 def _run_matrix(v: Tensor) -> Tensor:
     """The ``d × d`` matrix ``A`` with ``x = z A`` for a shared run with reflection vectors ``(K, T, d)``."""
-    k, t, d = v.shape
+    k, _, d = v.shape
     rows = torch.eye(d, dtype=v.dtype, device=v.device).expand(k, d, d)  # rows = basis points
-    for j in range(t):
-        rows = reflect(rows, v[:, j : j + 1, :])
+    for u in _unit_vectors(v).unbind(-2):
+        rows = _reflect_unit(rows, u.unsqueeze(-2))
     return torch.linalg.multi_dot(list(rows.unbind(0))) if k > 1 else rows[0]
 
 
@@ -59,26 +65,20 @@ MAX_REFLECTIONS = 4096  # per layer: each reflection is a step of a Python loop
 
 def reflect_all(z: Tensor, v: Tensor) -> Tensor:
     """``H_m ⋯ H_1 z`` for reflection vectors ``v`` ``(..., m, d)`` (``H_1`` first; ``v = 0`` is the
-    identity): the vectors are rescaled as in :func:`reflect` and normalised at once, then each
+    identity): the vectors are rescaled and normalised at once (:func:`_unit_vectors`), then each
     reflection is one fused update ``z ← z − 2 (zᵀû) û``. ``z`` is ``(..., d)``, its leading
     dimensions broadcasting against ``v``'s.
 
     With autograd, one vector set per point (``z.shape[:-1] == v.shape[:-2]``) and the fused kernels
     on, the reflections run as :class:`_Reflections` (analytic backward, about half the operations).
     """
-    v = _rescaled(v)
-    unit = v * torch.rsqrt(inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)).unsqueeze(-1)
+    unit = _unit_vectors(v)
     # uses_fused_kernels' "shared" gate: here, the per-point layout that _Reflections' backward assumes
     if torch.is_grad_enabled() and uses_fused_kernels(z, z.shape[:-1] == unit.shape[:-2]):
         return _Reflections.apply(z, unit)
     for u in unit.unbind(-2):
         z = _reflect_unit(z, u)
     return z
-
-
-def _reflect_unit(z: Tensor, u: Tensor) -> Tensor:
-    """``z − 2 (zᵀu) u`` for a unit vector ``u``."""
-    return torch.addcmul(z, inner(z, u).unsqueeze(-1), u, value=-2)
 
 
 class _Reflections(torch.autograd.Function):
