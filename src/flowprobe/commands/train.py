@@ -403,8 +403,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="reverse KL: share of the steps for the inverse-temperature warm-up 0.01 → 1 (0: off; "
                         f"default {defaults.anneal})")
     p.add_argument("--init-source", action=argparse.BooleanOptionalAction, default=None,
-                   help="data: start a Gaussian source (gaussian:full>… or gaussian:diag>…) at the training "
-                        "split's moments pulled back through the layers (default: on for such sources)")
+                   help="data: start the layers at the identity and a Gaussian source (gaussian:full>… or "
+                        "gaussian:diag>…) at the training split's moments (default: on for such sources)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="float32 (default) or float64")
     p.add_argument("--kl-samples", type=_positive_int, default=100_000, help="samples for the final KL / ESS")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
