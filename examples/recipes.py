@@ -10,11 +10,12 @@ Protocol (docs/density.md, "Recipes"):
 * Real sets (standardised, as ``flowprobe fit --data`` loads them): a fixed 20 % of the rows (permutation
   seeded with ``SPLIT_SEED``) is the **test** split, used for nothing but the numbers reported. Toy sets:
   5000 points to train and validate on, 5000 fresh test points.
-* Every spec of :func:`grid` (a trainable full-covariance source, initialised at the moments of the
-  training split pulled back through the layers, then layer stacks) is trained with :data:`CONFIG` on the
-  remaining rows, whose validation split (20 %, drawn per seed) chooses the best weights, the initial
-  flow included (step 0), and stops a member after ``patience`` validations without improvement. The
-  seeds are the members of one ensemble (``fit(ensemble, seeds=…)``), each trained exactly as alone.
+* Every spec of :func:`grid` (a trainable full-covariance source, then layer stacks; the layers start at
+  the identity and the source at the training split's moments, so step 0 is the Gaussian) is trained
+  with :data:`CONFIG` on the remaining rows, whose validation split (20 %, drawn per seed) chooses the
+  best weights, the initial flow included (step 0), and stops a member after ``patience`` validations
+  without improvement. The seeds are the members of one ensemble (``fit(ensemble, seeds=…)``), each
+  trained exactly as alone.
 * The baselines are those ``flowprobe fit --json`` reports: the maximum-likelihood full-covariance
   Gaussian and the Gaussian KDE (Scott's bandwidth), fitted per seed to that seed's training split (the
   rows the flow trains on) and scored on the same test points.
