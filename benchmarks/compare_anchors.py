@@ -40,6 +40,7 @@ from flowprobe.data import load_data
 from flowprobe.distributions import rezende_energy
 
 LIBRARIES = ("flowprobe", "normflows", "pyro")
+COMPILED = "flowprobe-compiled"  # rows (a) with --compiled: the same flow, its sampling under torch.compile
 LR = 1e-3
 BATCH_TRAIN = 256
 BATCH_EVAL = 4096
@@ -122,6 +123,18 @@ class FlowprobeModel(Model):
         return self
 
 
+class CompiledFlowprobeModel(FlowprobeModel):
+    """flowprobe with ``rsample_and_log_prob`` compiled (``torch.compile``, inductor; the backward is
+    AOTAutograd's compiled one): the reverse-KL rows (a) with ``--compiled``."""
+
+    def __init__(self, layers: list, dim: int) -> None:
+        super().__init__(layers, dim)
+        self.compiled = torch.compile(self.flow.rsample_and_log_prob)
+
+    def rsample_log_q(self, n):
+        return self.compiled(n)
+
+
 class NormflowsModel(Model):
     def __init__(self, layers: list, dim: int, invertible: bool) -> None:
         import normflows as nf
@@ -198,10 +211,10 @@ def installed(name: str) -> bool:
 
 def build(lib: str, family: str, k: int, d: int) -> Model | str:
     """The flow of ``k`` layers of ``family`` in library ``lib``, or why it cannot be built."""
-    if lib != "flowprobe" and not installed({"normflows": "normflows", "pyro": "pyro"}[lib]):
+    if lib not in ("flowprobe", COMPILED) and not installed(lib):
         return "not installed"
     refl = d // 2 + 1  # Pyro's default count of reflections (used for every library alike)
-    if lib == "flowprobe":
+    if lib in ("flowprobe", COMPILED):
         stack = {
             "planar-tanh": lambda: fp.Planar(d, "tanh", layers=k),
             "planar-leaky_relu": lambda: fp.Planar(d, "leaky_relu", layers=k),
@@ -211,7 +224,7 @@ def build(lib: str, family: str, k: int, d: int) -> Model | str:
             "sylvester-T": lambda: fp.Sylvester(d, kind="triangular", layers=k),  # alternating flips
             "householder": lambda: fp.Householder(d, reflections=refl, layers=k),
         }[family]
-        return FlowprobeModel(canonical_weights([stack()]), d)
+        return (CompiledFlowprobeModel if lib == COMPILED else FlowprobeModel)(canonical_weights([stack()]), d)
     if lib == "normflows":
         import normflows as nf
 
@@ -282,6 +295,8 @@ class Row:
     ldj_family: bool = True  # report the log-det error of this family
 
     def prepare(self, lib: str) -> Callable[[], None] | str:
+        if lib == COMPILED and not self.key.endswith(":rkl"):
+            return "not timed"
         model = build(lib, self.family, self.k, self.d)
         if isinstance(model, str):
             return model
@@ -352,12 +367,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_rows(selected: list[Row], reps: int, target_s: float) -> dict[str, dict[str, float | str]]:
-    """Median units/s per row and library; libraries alternate inside every repetition."""
+def time_rows(
+    selected: list[Row], reps: int, target_s: float, compiled: bool = False
+) -> dict[str, dict[str, float | str]]:
+    """Median units/s per row and library; libraries alternate inside every repetition (with ``compiled``,
+    the rows (a) also time :data:`COMPILED`; its first call, the compilation, is the warm-up)."""
     results: dict[str, dict[str, float | str]] = {}
     for row in selected:
         torch.manual_seed(0)
-        fns = {lib: row.prepare(lib) for lib in LIBRARIES}
+        libraries = (*LIBRARIES, COMPILED) if compiled and row.key.endswith(":rkl") else LIBRARIES
+        fns = {lib: row.prepare(lib) for lib in libraries}
         calls: dict[str, int] = {}
         for lib, fn in fns.items():  # warm-up, then calibrate the calls per repetition
             if isinstance(fn, str):
@@ -380,7 +399,7 @@ def time_rows(selected: list[Row], reps: int, target_s: float) -> dict[str, dict
                 samples[lib].append(calls[lib] * row.per_call / (time.perf_counter() - start))
         results[row.key] = {
             lib: statistics.median(samples[lib]) if lib in samples else fns[lib]  # type: ignore[misc]
-            for lib in LIBRARIES
+            for lib in libraries
         }
         print(f"  {row.key}: " + ", ".join(f"{lib}={_fmt(v)}" for lib, v in results[row.key].items()), flush=True)
     return results
@@ -508,9 +527,10 @@ def _fmt(v: float | str) -> str:
     return f"{v:.1f}" if v < 100 else f"{v:.0f}"
 
 
-def ratio(values: dict[str, float | str], higher_is_better: bool = True) -> str:
-    ours = values.get("flowprobe")
-    others = [v for lib, v in values.items() if lib != "flowprobe" and not isinstance(v, str)]
+def ratio(values: dict[str, float | str], higher_is_better: bool = True, ours: str = "flowprobe") -> str:
+    """``ours`` against the fastest (or leanest) anchor."""
+    others = [v for lib, v in values.items() if lib in ("normflows", "pyro") and not isinstance(v, str)]
+    ours = values.get(ours)
     if isinstance(ours, str) or not others:
         return "–"
     best = max(others) if higher_is_better else min(others)
@@ -531,6 +551,9 @@ def markdown(result: dict) -> str:
         v = result["speed"][row.key]
         cells = " | ".join(_fmt(v[lib]) for lib in LIBRARIES)
         lines.append(f"| {row.description} | {row.unit} | {cells} | {ratio(v)} |")
+        if COMPILED in v:
+            lines.append(f"| {row.description}, flowprobe under torch.compile | {row.unit} | {_fmt(v[COMPILED])} | "
+                         f"{_fmt(v['normflows'])} | {_fmt(v['pyro'])} | {ratio(v, ours=COMPILED)} |")
     for key, v in result.get("memory", {}).items():
         for measure, what in MEMORY_MEASURES.items():
             values = {lib: v[lib] if isinstance(v[lib], str) else v[lib][measure] for lib in LIBRARIES}
@@ -574,6 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--target", type=float, default=0.25, help="seconds per repetition and library")
     parser.add_argument("--rows", default="", help="comma-separated row-key prefixes to run (default: all)")
     parser.add_argument("--no-memory", action="store_true", help="skip (e)")
+    parser.add_argument("--compiled", action="store_true", help="rows (a) also with flowprobe under torch.compile")
     parser.add_argument("--quick", action="store_true", help="3 repetitions of 0.1 s (smoke run)")
     parser.add_argument("--json", default="", help="write the results here (atomically)")
     parser.add_argument("--device", default="cpu", help="where every library runs (cuda: see benchmarks/gpu_check.sh)")
@@ -592,7 +616,7 @@ def main(argv: list[str] | None = None) -> dict:
     selected = [r for r in rows() if not prefixes or any(r.key.startswith(p) for p in prefixes)]
     result: dict = {"machine": machine()}
     print(f"timing {len(selected)} rows, {args.reps} repetitions of ~{args.target:g} s each", flush=True)
-    result["speed"] = time_rows(selected, args.reps, args.target)
+    result["speed"] = time_rows(selected, args.reps, args.target, args.compiled)
     if not args.no_memory and args.device == "cpu":
         result["memory"] = {f"planar-tanh K={k}, batch {BATCH_TRAIN}": memory("planar-tanh", k, BATCH_TRAIN)
                             for k in (32, 300)}

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).parents[1]
@@ -25,6 +26,26 @@ def test_compare_anchors_quick_row_writes_json(tmp_path):
     assert result["speed"]["a1:rkl"]["flowprobe"] > 0  # steps/s
     assert result["logdet_error"]["planar-tanh-2"]["flowprobe"] < 1e-10
     assert "| (a) reverse-KL on U1, planar-tanh K=32 d=2 | steps/s |" in stdout
+
+
+def test_compare_checkouts_interleaves_two_checkouts(tmp_path):
+    """This checkout against itself: both workers answer, and the paired ratio is a ratio of their rates."""
+    target = tmp_path / "checkouts.json"
+    stdout = run("benchmarks/compare_checkouts.py", "--before", ".", "--rows", "c-planar-tanh-2:sample", "--reps", "3",
+                 "--target", "0.02", "--pause", "0", "--no-memory", "--json", str(target))
+    speed = json.loads(target.read_text())["speed"]["c-planar-tanh-2:sample"]
+    assert speed["before"]["flowprobe"] > 0 and speed["after"]["flowprobe"] > 0
+    assert 0.2 < speed["paired_ratio"] < 5
+    assert "| (c) sample, planar-tanh K=16 d=2 | points/s |" in stdout
+
+
+@pytest.mark.slow
+def test_compare_anchors_times_compiled_reverse_kl_rows(tmp_path):
+    target = tmp_path / "bench.json"
+    stdout = run("benchmarks/compare_anchors.py", "--quick", "--compiled", "--rows", "a1", "--no-memory",
+                 "--json", str(target))
+    assert json.loads(target.read_text())["speed"]["a1:rkl"]["flowprobe-compiled"] > 0
+    assert "planar-tanh K=32 d=2, flowprobe under torch.compile | steps/s |" in stdout
 
 
 def test_peak_tensor_memory_counts_the_saved_tensors(monkeypatch):
