@@ -13,6 +13,8 @@ each repetition so machine load hits all of them alike, and each number is the m
 ``--reps`` repetitions after a warm-up. Next to each speed the table gives the library's
 log-det error against autograd (float64, max over points), so that speed is never bought with
 wrong numbers. A library that cannot do a row (no inverse, no such layer) reads "cannot".
+``--compiled`` adds a line per row (a): the same flowprobe flow with ``rsample_and_log_prob`` under
+``torch.compile``, against the same anchors.
 
 Run: ``PYTHONPATH=src python benchmarks/compare_anchors.py [--quick] [--json out.json]``
 (``make bench``). normflows and Pyro are optional (``pip install .[bench]``); missing ones read
@@ -295,8 +297,6 @@ class Row:
     ldj_family: bool = True  # report the log-det error of this family
 
     def prepare(self, lib: str) -> Callable[[], None] | str:
-        if lib == COMPILED and not self.key.endswith(":rkl"):
-            return "not timed"
         model = build(lib, self.family, self.k, self.d)
         if isinstance(model, str):
             return model
@@ -527,10 +527,10 @@ def _fmt(v: float | str) -> str:
     return f"{v:.1f}" if v < 100 else f"{v:.0f}"
 
 
-def ratio(values: dict[str, float | str], higher_is_better: bool = True, ours: str = "flowprobe") -> str:
-    """``ours`` against the fastest (or leanest) anchor."""
-    others = [v for lib, v in values.items() if lib in ("normflows", "pyro") and not isinstance(v, str)]
-    ours = values.get(ours)
+def ratio(values: dict[str, float | str], higher_is_better: bool = True, lib: str = "flowprobe") -> str:
+    """``lib`` against the fastest (or leanest) anchor."""
+    others = [v for name, v in values.items() if name in ("normflows", "pyro") and not isinstance(v, str)]
+    ours = values.get(lib)
     if isinstance(ours, str) or not others:
         return "–"
     best = max(others) if higher_is_better else min(others)
@@ -553,7 +553,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row.description} | {row.unit} | {cells} | {ratio(v)} |")
         if COMPILED in v:
             lines.append(f"| {row.description}, flowprobe under torch.compile | {row.unit} | {_fmt(v[COMPILED])} | "
-                         f"{_fmt(v['normflows'])} | {_fmt(v['pyro'])} | {ratio(v, ours=COMPILED)} |")
+                         f"{_fmt(v['normflows'])} | {_fmt(v['pyro'])} | {ratio(v, lib=COMPILED)} |")
     for key, v in result.get("memory", {}).items():
         for measure, what in MEMORY_MEASURES.items():
             values = {lib: v[lib] if isinstance(v[lib], str) else v[lib][measure] for lib in LIBRARIES}
