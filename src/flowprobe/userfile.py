@@ -8,9 +8,10 @@ configs are never loaded this way (safetensors, JSON / YAML ``safe_load``).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
-__all__ = ["load_user_object"]
+__all__ = ["load_user_object", "load_user_value"]
 
 
 def load_user_object(spec: str) -> object:
@@ -35,3 +36,24 @@ def load_user_object(spec: str) -> object:
     if not hasattr(module, name):
         raise ValueError(f"{path} has no attribute {name!r}")
     return getattr(module, name)
+
+
+def load_user_value(spec: str, what: str = "an object") -> object:
+    """The object ``spec`` names (:func:`load_user_object`), called first if it is a plain function: a
+    factory without required arguments that returns ``what``.
+
+    Raises:
+        ValueError: as :func:`load_user_object`; a function with required arguments; a factory that fails.
+        FileNotFoundError: the file does not exist.
+    """
+    obj = load_user_object(spec)
+    if not inspect.isfunction(obj):
+        return obj
+    if any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+           for p in inspect.signature(obj).parameters.values()):
+        raise ValueError(f"{spec} is a function with required arguments; expected {what} or a function without "
+                         "arguments that returns one")
+    try:
+        return obj()
+    except Exception as err:  # the user's function failed: one line, no traceback
+        raise ValueError(f"{spec} failed: {type(err).__name__}: {err}") from None

@@ -14,14 +14,13 @@ returning one); the file is imported on purpose — it is the user's own code.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flowprobe.cli import CliError, add_parser, check_finite
+from flowprobe.cli import CliError, add_parser, check_finite, positive_int
 from flowprobe.distributions import StandardNormal
 from flowprobe.flow import Flow
 from flowprobe.layers import Planar, Sylvester
@@ -29,7 +28,7 @@ from flowprobe.rundir import OutputDir
 from flowprobe.theory import topology as tp
 from flowprobe.theory import topology_experiments as tx
 from flowprobe.theory import topology_figures as tf
-from flowprobe.userfile import load_user_object
+from flowprobe.userfile import load_user_value
 from flowprobe.validation import check_memory
 
 __all__ = ["add_commands", "load_object"]
@@ -40,29 +39,9 @@ POINT_BYTES = 64 * 8  # float64 values kept per point and dimension (points, gra
 
 
 def load_object(spec: str) -> Any:
-    """The object ``name`` of ``path/to/file.py:name``, called first if it is a plain function.
-
-    Raises:
-        CliError / FileNotFoundError: malformed spec, missing file or name, import failure.
-    """
-    obj = load_user_object(spec)
-    if callable(obj) and not isinstance(obj, torch.nn.Module):
-        if any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               for p in _parameters(obj)):
-            raise CliError(f"{spec} is a function with required arguments; expected an object or a function "
-                           "without arguments that returns one")
-        try:
-            obj = obj()
-        except Exception as err:  # the user's function failed: one line, no traceback
-            raise CliError(f"{spec} failed: {type(err).__name__}: {err}") from None
-    return obj
-
-
-def _parameters(fn: Any) -> list[inspect.Parameter]:
-    try:
-        return list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # a builtin without a signature: call it and see
-        return []
+    """The object ``name`` of ``path/to/file.py:name``, called first if it is a plain function
+    (:func:`~flowprobe.userfile.load_user_value`)."""
+    return load_user_value(spec)
 
 
 def _flow(spec: str | None, default: Flow) -> Flow:
@@ -83,19 +62,9 @@ def _density(spec: str | None) -> Any:
     return obj
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _bounded(low: int, high: int, why: str) -> Any:
     def parse(text: str) -> int:
-        value = _positive(text)
+        value = positive_int(text)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must lie in [{low}, {high}] ({why}), got {value}")
         return value
@@ -298,7 +267,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rank.add_argument("--flow", help="file.py:name of a Flow (default: built-in tanh stack, d = 8, M = 3)")
     rank.add_argument("--target", help="file.py:name of p (default: the flow itself, p = f#q)")
     rank.add_argument("--source", help="file.py:name of q (default: the flow's base)")
-    rank.add_argument("--points", type=_positive, default=200, help="number of points z_i (default 200)")
+    rank.add_argument("--points", type=positive_int, default=200, help="number of points z_i (default 200)")
     rank.set_defaults(func=_rank)
 
     gauss = add("gaussian", "minimum neuron count for a Gaussian pair; isotropic floors and training")
@@ -310,20 +279,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     gauss.add_argument("--train", action="store_true", help="train Sylvester flows below/at/above the bound")
     gauss.add_argument("--neurons", type=_int_list, default=[1, 2, 3, 4, 8], help="M values (default 1,2,3,4,8)")
     gauss.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="seeds (default 0,1,2)")
-    gauss.add_argument("--steps", type=_positive, default=1500, help="Adam steps (default 1500)")
-    gauss.add_argument("--layers", type=_positive, default=1, help="layers per flow (default 1)")
+    gauss.add_argument("--steps", type=positive_int, default=1500, help="Adam steps (default 1500)")
+    gauss.add_argument("--layers", type=positive_int, default=1, help="layers per flow (default 1)")
     gauss.add_argument("--activation", default="identity", help="activation (default identity; e.g. softplus)")
-    gauss.add_argument("--samples", type=_positive, default=200_000,
+    gauss.add_argument("--samples", type=positive_int, default=200_000,
                        help="MC samples for TV (per side) and KL (default 200000)")
     gauss.set_defaults(func=_gaussian)
 
     relu = add("relu", "ReLU pointwise condition: residual and modes; --fit: a forbidden pair")
     relu.add_argument("--flow", help="file.py:name of a ReLU Flow (default: 3 random layers on a 4-peak mixture)")
     relu.add_argument("--target", help="file.py:name of p (default: the flow itself, p = f#q)")
-    relu.add_argument("--points", type=_positive, default=1000, help="off-kink points (default 1000)")
+    relu.add_argument("--points", type=positive_int, default=1000, help="off-kink points (default 1000)")
     relu.add_argument("--fit", choices=sorted(tx.FORBIDDEN_PAIRS), help="train on a forbidden pair instead")
-    relu.add_argument("--layers", type=_positive, default=4, help="layers for --fit (default 4)")
-    relu.add_argument("--steps", type=_positive, default=2000, help="Adam steps for --fit (default 2000)")
+    relu.add_argument("--layers", type=positive_int, default=4, help="layers for --fit (default 4)")
+    relu.add_argument("--steps", type=positive_int, default=2000, help="Adam steps for --fit (default 2000)")
     relu.set_defaults(func=_relu)
 
     figs = add("figures", "write the ridge (M = 1) and red-point (ReLU modes) figures")

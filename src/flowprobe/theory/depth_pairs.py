@@ -22,7 +22,6 @@ flow's base and either side of a TV estimate) and, when it is a normal density, 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 from flowprobe.distributions import Density, DiagonalNormal, StandardNormal
 from flowprobe.theory.depth import GaussianForm
-from flowprobe.userfile import load_user_object
+from flowprobe.userfile import load_user_value
 
 __all__ = ["DTYPES", "MAX_DIM", "Pair", "SideDensity", "gaussian_form", "is_file_spec", "load_pair", "load_side",
            "pin_spec"]
@@ -228,16 +227,7 @@ def _user_object(spec: str) -> Any:
     if digest and path.is_file() and _sha256(path) != digest:
         raise ValueError(f"{path} changed since the sweep was defined (SHA-256 differs); run the sweep again "
                          "from the command line")
-    obj = load_user_object(text)
-    if inspect.isfunction(obj):
-        if any(p.default is p.empty for p in inspect.signature(obj).parameters.values()):
-            raise ValueError(f"{text} is a function with required arguments; expected a distribution or a "
-                             "function without arguments that returns one")
-        try:
-            obj = obj()
-        except Exception as err:  # the user's function failed: one line, no traceback
-            raise ValueError(f"{text} failed: {type(err).__name__}: {err}") from None
-    return obj
+    return load_user_value(text, "a distribution")
 
 
 def gaussian_form(obj: Any) -> GaussianForm | None:
