@@ -8,6 +8,7 @@ The sections compute the numbers; these functions only draw them. Figures that e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -57,12 +58,7 @@ def convergence_figure(construction: Sequence[dict], trained: Sequence[dict], so
         ax.loglog([r["layers"] for r in trained], [r["tv"] for r in trained], "s--", color="tab:orange",
                   label="trained by maximum likelihood (exact TV)")
     ax.axhline(source_tv, color="tab:red", lw=0.8, label="TV(source, target)")
-    ax.set_xlabel("ReLU planar layers n")
-    ax.set_ylabel("TV(f#q, p)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _tv_axes(fig, ax, "ReLU planar layers n", title)
 
 
 def floor_figure(runs: Sequence[dict], floors: Sequence[dict], bound: int, title: str) -> Figure:
@@ -83,12 +79,7 @@ def floor_figure(runs: Sequence[dict], floors: Sequence[dict], bound: int, title
     ax.step([f["neurons"] for f in floors], [f["tv_floor"] for f in floors], where="mid", color="tab:red",
             label="proven floor for M neurons")
     ax.axvline(bound - 0.5, color="grey", ls=":", label=f"minimum admissible M = {bound}")
-    ax.set_xlabel("neurons M")
-    ax.set_ylabel("TV(f#q, p)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _tv_axes(fig, ax, "neurons M", title)
 
 
 def tv_steps_figure(runs: Sequence[dict], title: str) -> Figure:
@@ -104,7 +95,12 @@ def tv_steps_figure(runs: Sequence[dict], title: str) -> Figure:
         (line,) = ax.plot(steps, tv, "o-", label=run["label"])
         ax.fill_between(steps, run["tv_low"], run["tv_high"], color=line.get_color(), alpha=0.2)
     ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel("training steps")
+    return _tv_axes(fig, ax, "training steps", title)
+
+
+def _tv_axes(fig: Figure, ax: Any, xlabel: str, title: str) -> Figure:
+    """Label a ``TV(f#q, p)`` plot (x label, title, legend) and lay it out."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("TV(f#q, p)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
