@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parents[1]
 ANCHORS = ("normflows", "pyro")
@@ -49,11 +50,15 @@ class Worker:
         self.process.wait()
 
 
-def time_interleaved(workers: dict[str, Worker], key: str, reps: int, target: float, pause: float) -> dict[str, dict]:
-    """``{checkout: {lib: median units/s or the reason it cannot}}`` for one row, the two checkouts (and the
-    anchors, on the after side) taking turns one repetition at a time, with ``pause`` seconds before each
-    (the OpenMP threads of the worker that just finished spin-wait for a while: without the pause they
-    would slow whichever worker runs next)."""
+def time_interleaved(workers: dict[str, Worker], key: str, reps: int, target: float, pause: float) -> dict[str, Any]:
+    """One row, the two checkouts (and the anchors, on the after side) taking turns one repetition at a
+    time, with ``pause`` seconds before each (the OpenMP threads of the worker that just finished spin-wait
+    for a while: without the pause they would slow whichever worker runs next).
+
+    Returns:
+        ``{checkout: {lib: median units/s, or the reason it cannot}}`` and ``"paired_ratio"``: the median
+        over repetitions of after/before of adjacent repetitions (flowprobe).
+    """
     libs = {"before": ["flowprobe"], "after": ["flowprobe", *ANCHORS]}
     calls = {name: w.ask(op="prepare", row=key, libs=libs[name], target=target)["calls"] for name, w in workers.items()}
     samples: dict[str, dict[str, list[float]]] = {name: {lib: [] for lib, n in c.items() if isinstance(n, int)}
