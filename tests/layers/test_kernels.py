@@ -10,7 +10,7 @@ from tests.helpers import assert_same as assert_close_nested
 
 import flowprobe as fp
 from flowprobe.activations import TANH_NEWTON_BUDGETS
-from flowprobe.layers import fused_kernels, planar, radial, sylvester
+from flowprobe.layers import fused_kernels, native, planar, radial, sylvester
 
 TOL = 1e-12
 KERNEL_CASES = ["planar-tanh", "planar-sigmoid", "planar-arctan", "planar-softplus", "planar-elu",
@@ -46,15 +46,21 @@ def test_fused_run_equals_layer_by_layer(case, direction):
     assert_same(evaluate(stack, direction, points, True), evaluate(stack, direction, points, False))
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "leaky_relu"])
-def test_fused_ensemble_run_equals_layer_by_layer(activation):
+def test_fused_ensemble_run_equals_layer_by_layer(activation, compiled, monkeypatch):
+    """The members' fused run (the compiled kernel where built, else the PyTorch one) = layer by layer."""
+    if not compiled:
+        monkeypatch.setenv("FLOWPROBE_NATIVE", "0")
+    elif native.kernels(build=True) is None:
+        pytest.skip("no C++ compiler: the compiled kernels are optional")
     torch.manual_seed(3)
     stack = fp.Planar(3, activation, layers=7, ensemble=4, u_max=2.0).double()
     perturb(stack, 0.5)
     points = 2 * torch.randn(4, 50, 3, dtype=torch.float64)
     assert_same(evaluate(stack, "forward", points, True), evaluate(stack, "forward", points, False))
     x, _ = stack(points)
-    assert type(x.grad_fn).__name__ == "_PlanarMembersRunBackward"
+    assert type(x.grad_fn).__name__ == ("NativeRunBackward" if compiled else "_PlanarMembersRunBackward")
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)

@@ -154,15 +154,18 @@ class Planar(FlowLayer):
         return z, -torch.log1p(p.wu * self.act.derivative(pre))
 
     def forward_run(self, z: Tensor, p: PlanarParams) -> tuple[Tensor, Tensor]:
+        module = native.usable(z) if self.act.native is not None else None
         if not uses_fused_kernels(z, p.u.dim() == 2):
             if _members(z, p) and needs_grad(z, p) and fused_kernels_allowed():
-                return _PlanarMembersRun.apply(z, *(t.squeeze(2) for t in p), self.act)
+                members = [t.squeeze(2) for t in p]
+                if module is not None:
+                    return native.NativeRun.apply("planar", module, self.act.native, z, *members)
+                return _PlanarMembersRun.apply(z, *members, self.act)
             return super().forward_run(z, p)
         if not needs_grad(z, p):
             return _forward_eval(z, p, self.act)
-        module = native.usable(z) if self.act.native is not None else None
         if module is not None:
-            return native.NativeRun.apply("planar", module, self.act.native, z, p.u, p.w, p.b, p.wu)
+            return native.NativeRun.apply("planar", module, self.act.native, z, *p)
         return _PlanarRun.apply(z, p.u, p.w, p.b, p.wu, self.act)
 
     def inverse_run(self, x: Tensor, p: PlanarParams) -> tuple[Tensor, Tensor]:

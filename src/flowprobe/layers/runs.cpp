@@ -4,10 +4,20 @@
 // Points are independent, so each call walks the K layers point by point in parallel; parameter
 // gradients are summed per thread and reduced at the end. The formulas are those of the Python
 // kernels (_PlanarRun, _RadialRun in planar.py / radial.py), which the tests compare with these.
+//
+// Planar runs take an ensemble dimension E (E = 1 for one flow): each member has its own parameters
+// and its own points. Points go through the layers in blocks of LANES, coordinate-major, so that every
+// step of a layer (tanh and log1p included, in float32) is a loop over the lanes that the compiler
+// vectorises.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -74,91 +84,357 @@ at::Tensor reduce(const std::vector<T>& partial, int64_t threads, int64_t size, 
   return out;
 }
 
+// Points go through a planar run in blocks of LANES: per coordinate, a Block of Q vectors of B bytes
+// (GCC/Clang vector types), so that every step of a layer is Q independent SIMD instructions. Blocks are
+// computed with 16-byte vectors (SSE2, NEON), or 32-byte ones where the CPU has AVX2 (chosen at run time).
+constexpr int64_t LANES = 16;
+#define FLOWPROBE_INLINE inline __attribute__((always_inline))
+
+template <typename T, int B> struct Vectors;
+template <int B> struct Vectors<float, B> {
+  typedef float type __attribute__((vector_size(B)));
+  typedef int32_t mask __attribute__((vector_size(B)));
+};
+template <int B> struct Vectors<double, B> {
+  typedef double type __attribute__((vector_size(B)));
+  typedef int64_t mask __attribute__((vector_size(B)));
+};
+
+template <typename V> FLOWPROBE_INLINE V load(const void* from) { V v; std::memcpy(&v, from, sizeof(V)); return v; }
+template <typename V> FLOWPROBE_INLINE void store(const V& v, void* to) { std::memcpy(to, &v, sizeof(V)); }
+
+// float32 exp, log, log1p and tanh without branches (Cephes' polynomials, a few ulp) on vectors V of
+// floats (I: int32 of the same width); float64 uses the C library's functions value by value.
+template <typename V, typename I>
+FLOWPROBE_INLINE V exp_vec(V x) {
+  x = x < -87.3f ? V{} - 87.3f : x;
+  x = x > 88.3f ? V{} + 88.3f : x;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V y = x * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  return (y * x * x + x + 1.0f) * std::bit_cast<V>((__builtin_convertvector(n, I) + 127) << 23);
+}
+
+template <typename V, typename I>
+FLOWPROBE_INLINE V log_vec(V x) {  // x > 0 and finite
+  const I bits = std::bit_cast<I>(x);
+  V e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, V);
+  V m = std::bit_cast<V>((bits & 0x007fffff) | 0x3f000000);  // x = m 2^e, m in [0.5, 1)
+  const I low = m < 0.707106781186547524f;
+  e = low ? e - 1.0f : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const V z = m * m;
+  V y = m * 7.0376836292e-2f - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+
+template <typename V, typename I>
+FLOWPROBE_INLINE V log1p_vec(V t) {
+  if constexpr (sizeof(t[0]) == sizeof(double)) {
+    for (size_t i = 0; i < sizeof(V) / sizeof(double); ++i) t[i] = std::log1p(t[i]);
+    return t;
+  } else {
+    constexpr float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+    const V u = 1.0f + t, rounding = u - 1.0f;  // log(u) t / (u - 1) undoes the rounding of 1 + t
+    const V positive = u < inf ? log_vec<V, I>(u) * (t / rounding) : u;
+    const V r = u > 0.0f ? positive : (u == 0.0f ? V{} - inf : V{} + nan);
+    return rounding == 0.0f ? t : r;
+  }
+}
+
+template <typename V, typename I>
+FLOWPROBE_INLINE V tanh_vec(V x) {
+  if constexpr (sizeof(x[0]) == sizeof(double)) {
+    for (size_t i = 0; i < sizeof(V) / sizeof(double); ++i) x[i] = std::tanh(x[i]);
+    return x;
+  } else {
+    const I sign = std::bit_cast<I>(x) & INT32_MIN;
+    const V a = std::bit_cast<V>(std::bit_cast<I>(x) ^ sign), z = x * x;
+    const V large = 1.0f - 2.0f / (exp_vec<V, I>(a + a) + 1.0f);
+    const V small = ((((z * -5.70498872745e-3f + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
+                      1.33314422036e-1f) * z - 3.33332819422e-1f) * z * a + a;
+    return std::bit_cast<V>(std::bit_cast<I>(a > 0.625f ? large : small) | sign);
+  }
+}
+
+// A block of LANES values as Q vectors of B bytes.
+template <typename T, int B>
+struct Block {
+  using V = typename Vectors<T, B>::type;
+  using I = typename Vectors<T, B>::mask;
+  static constexpr int64_t W = B / sizeof(T), Q = LANES / W;
+  V v[Q];
+  static FLOWPROBE_INLINE Block fill(T value) { Block b; for (int64_t q = 0; q < Q; ++q) b.v[q] = V{} + value; return b; }
+  static FLOWPROBE_INLINE Block from(const T* p) { Block b; for (int64_t q = 0; q < Q; ++q) b.v[q] = load<V>(p + q * W); return b; }
+  FLOWPROBE_INLINE void to(T* p) const { for (int64_t q = 0; q < Q; ++q) store(v[q], p + q * W); }
+  FLOWPROBE_INLINE T sum() const {  // the same pairwise order whatever B
+    T a[LANES];
+    to(a);
+    for (int64_t w = LANES / 2; w > 0; w /= 2)
+      for (int64_t i = 0; i < w; ++i) a[i] += a[i + w];
+    return a[0];
+  }
+  template <typename F> FLOWPROBE_INLINE Block map(const F& f) const { Block r; for (int64_t q = 0; q < Q; ++q) r.v[q] = f(v[q]); return r; }
+};
+
+#define FLOWPROBE_BLOCK_OP(op)                                                                                  \
+  template <typename T, int B> FLOWPROBE_INLINE Block<T, B> operator op(const Block<T, B>& a, const Block<T, B>& b) { \
+    Block<T, B> r; for (int64_t q = 0; q < Block<T, B>::Q; ++q) r.v[q] = a.v[q] op b.v[q]; return r;               \
+  }                                                                                                             \
+  template <typename T, int B> FLOWPROBE_INLINE Block<T, B> operator op(T a, const Block<T, B>& b) {                \
+    Block<T, B> r; for (int64_t q = 0; q < Block<T, B>::Q; ++q) r.v[q] = a op b.v[q]; return r;                    \
+  }
+FLOWPROBE_BLOCK_OP(+)
+FLOWPROBE_BLOCK_OP(-)
+FLOWPROBE_BLOCK_OP(*)
+FLOWPROBE_BLOCK_OP(/)
+#undef FLOWPROBE_BLOCK_OP
+
+// What the forward keeps per layer for the backward: h(pre) for tanh (whose h', h'' are functions of h),
+// the pre-activation for the other activations.
+template <typename T, int B>
+FLOWPROBE_INLINE void activate_block(int act, const Block<T, B>& t, Block<T, B>& h, Block<T, B>& d1, Block<T, B>& keep) {
+  using V = typename Block<T, B>::V;
+  using I = typename Block<T, B>::I;
+  if (act == TANH) {
+    h = t.map([](V x) { return tanh_vec<V, I>(x); });
+    d1 = T(1) - h * h;
+    keep = h;
+    return;
+  }
+  for (int64_t q = 0; q < Block<T, B>::Q; ++q)
+    for (int64_t i = 0; i < Block<T, B>::W; ++i) {
+      T hv, d1v, d2v;
+      activate(act, t.v[q][i], hv, d1v, d2v);
+      h.v[q][i] = hv;
+      d1.v[q][i] = d1v;
+    }
+  keep = t;
+}
+
+// h, h', h'' from what activate_block kept.
+template <typename T, int B>
+FLOWPROBE_INLINE void derivatives_block(int act, const Block<T, B>& kept, Block<T, B>& h, Block<T, B>& d1,
+                                        Block<T, B>& d2) {
+  if (act == TANH) {
+    h = kept;
+    d1 = T(1) - h * h;
+    d2 = T(-2) * (h * d1);
+    return;
+  }
+  for (int64_t q = 0; q < Block<T, B>::Q; ++q)
+    for (int64_t i = 0; i < Block<T, B>::W; ++i) {
+      T hv, d1v, d2v;
+      activate(act, kept.v[q][i], hv, d1v, d2v);
+      h.v[q][i] = hv;
+      d1.v[q][i] = d1v;
+      d2.v[q][i] = d2v;
+    }
+}
+
+// A planar run's arrays: points (E,N,d), u, w (K,E,d), b, wu (K,E); saved per layer, in blocks of LANES
+// points (N padded to B blocks): its inputs (K,E,B,d,LANES), coordinate-major, and what activate_block
+// keeps (K,E,B,LANES).
+template <typename T>
+struct PlanarArrays {
+  int64_t e, n, d, k, blocks;
+  const T *u, *w, *b, *wu;
+  T *inputs, *kept;
+  T* input(int64_t l, int64_t m, int64_t block) const { return inputs + ((l * e + m) * blocks + block) * d * LANES; }
+  T* keep(int64_t l, int64_t m, int64_t block) const { return kept + ((l * e + m) * blocks + block) * LANES; }
+};
+
+// One block through the K layers: reads its points from input(0, ...), writes every later layer's input,
+// the last layer's output to `out` (d,LANES) and the log-det to `logdet` (LANES).
+template <typename T, int B>
+FLOWPROBE_INLINE void planar_block_forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out,
+                                           T* logdet) {
+  using Lanes = Block<T, B>;
+  using V = typename Lanes::V;
+  using I = typename Lanes::I;
+  const int64_t d = r.d;
+  Lanes ld = Lanes::fill(0), h, d1, keep;
+  for (int64_t l = 0; l < r.k; ++l) {
+    const int64_t layer = l * r.e + m;
+    const T *ul = r.u + layer * d, *wl = r.w + layer * d, *x = r.input(l, m, block);
+    T* next = l + 1 < r.k ? r.input(l + 1, m, block) : out;
+    Lanes s = Lanes::fill(r.b[layer]);
+    for (int64_t j = 0; j < d; ++j) s = s + wl[j] * Lanes::from(x + j * LANES);
+    activate_block(act, s, h, d1, keep);
+    keep.to(r.keep(l, m, block));
+    for (int64_t j = 0; j < d; ++j) (Lanes::from(x + j * LANES) + ul[j] * h).to(next + j * LANES);
+    ld = ld + (r.wu[layer] * d1).map([](V t) { return log1p_vec<V, I>(t); });
+  }
+  ld.to(logdet);
+}
+
+// One block backward through the K layers: g (d,LANES) holds dL/dx on entry and dL/dz on exit; the
+// parameter gradients are added to grad_u, grad_w (K,E,d), grad_b, grad_wu (K,E).
+template <typename T, int B>
+FLOWPROBE_INLINE void planar_block_backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* g,
+                                            const T* lam_in, T* grad_u, T* grad_w, T* grad_b, T* grad_wu) {
+  using Lanes = Block<T, B>;
+  const int64_t d = r.d;
+  const Lanes lam = Lanes::from(lam_in);
+  Lanes h, d1, d2;
+  for (int64_t l = r.k - 1; l >= 0; --l) {
+    const int64_t layer = l * r.e + m;
+    const T *ul = r.u + layer * d, *wl = r.w + layer * d, *x = r.input(l, m, block), a = r.wu[layer];
+    derivatives_block(act, Lanes::from(r.keep(l, m, block)), h, d1, d2);
+    const Lanes weight = lam / (T(1) + a * d1);
+    Lanes d_pre = a * (weight * d2);
+    for (int64_t j = 0; j < d; ++j) d_pre = d_pre + ul[j] * (d1 * Lanes::from(g + j * LANES));
+    grad_b[layer] += d_pre.sum();
+    grad_wu[layer] += (weight * d1).sum();
+    for (int64_t j = 0; j < d; ++j) {
+      const Lanes gj = Lanes::from(g + j * LANES);
+      grad_u[layer * d + j] += (h * gj).sum();
+      grad_w[layer * d + j] += (d_pre * Lanes::from(x + j * LANES)).sum();
+      (gj + wl[j] * d_pre).to(g + j * LANES);
+    }
+  }
+}
+
+// The block functions compiled for 16-byte vectors and, on x86-64, for AVX2's 32-byte ones.
+template <typename T>
+struct PlanarBlocks {
+  static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out, T* logdet) {
+    planar_block_forward<T, 16>(r, act, m, block, out, logdet);
+  }
+  static void backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* g, const T* lam, T* gu,
+                       T* gw, T* gb, T* ga) {
+    planar_block_backward<T, 16>(r, act, m, block, g, lam, gu, gw, gb, ga);
+  }
+};
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+template <typename T>
+struct PlanarBlocksAVX2 {
+  __attribute__((target("avx2"))) static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block,
+                                                       T* out, T* logdet) {
+    planar_block_forward<T, 32>(r, act, m, block, out, logdet);
+  }
+  __attribute__((target("avx2"))) static void backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block,
+                                                        T* g, const T* lam, T* gu, T* gw, T* gb, T* ga) {
+    planar_block_backward<T, 32>(r, act, m, block, g, lam, gu, gw, gb, ga);
+  }
+};
+int vector_width = __builtin_cpu_supports("avx2") ? 32 : 16;  // bytes; planar_vector_bytes() may lower it
+int widest = vector_width;
+#else
+template <typename T> using PlanarBlocksAVX2 = PlanarBlocks<T>;
+int vector_width = 16, widest = 16;
+#endif
+
+// Runs visit(member, block) over every block of every member, in parallel.
+template <typename F>
+void for_blocks(int64_t members, int64_t blocks, const F& visit) {
+  at::parallel_for(0, members * blocks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) visit(index / blocks, index % blocks);
+  });
+}
+
+// Copies the points of one block between (N,d) rows and a (d,LANES) block; padding lanes are zero.
+template <typename T>
+void gather_block(const T* rows, int64_t n, int64_t d, int64_t start, T* block) {
+  const int64_t count = std::min(LANES, n - start);
+  std::fill(block, block + d * LANES, T(0));
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t j = 0; j < d; ++j) block[j * LANES + i] = rows[(start + i) * d + j];
+}
+
+template <typename T>
+void scatter_block(const T* block, int64_t n, int64_t d, int64_t start, T* rows) {
+  const int64_t count = std::min(LANES, n - start);
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t j = 0; j < d; ++j) rows[(start + i) * d + j] = block[j * LANES + i];
+}
+
 }  // namespace
 
-// Planar run x <- x + u_k h(w_k.x + b_k), k = 0..K-1. Returns (x, logdet, inputs (K,N,d), pre (K,N)).
+// The vector width of the planar kernels in bytes: 32 (AVX2) where the CPU has it, else 16. `bytes` = 16
+// or 32 sets it (at most what the CPU has; the tests run both); 0 leaves it. Returns the width in use.
+int64_t planar_vector_bytes(int64_t bytes) {
+  if (bytes == 16 || bytes == 32) vector_width = std::min<int>(static_cast<int>(bytes), widest);
+  return vector_width;
+}
+
+// Planar runs x <- x + u_k h(w_k.x + b_k), k = 0..K-1, of E members: z (E,N,d), u, w (K,E,d), b, wu (K,E);
+// or of one flow: z (N,d), u, w (K,d), b, wu (K). Returns (x, logdet (E,N) or (N), inputs, kept), the last
+// two in the block layout of PlanarArrays.
 std::vector<at::Tensor> planar_forward(at::Tensor z, at::Tensor u, at::Tensor w, at::Tensor b, at::Tensor wu,
                                        int64_t act) {
   z = z.contiguous(); u = u.contiguous(); w = w.contiguous(); b = b.contiguous(); wu = wu.contiguous();
-  const int64_t n = z.size(0), d = z.size(1), k = u.size(0);
+  const int64_t e = z.dim() == 3 ? z.size(0) : 1, n = z.size(-2), d = z.size(-1), k = u.size(0);
+  const int64_t blocks = (n + LANES - 1) / LANES;
   auto x = at::empty_like(z);
-  auto logdet = at::empty({n}, z.options());
-  auto inputs = at::empty({k, n, d}, z.options());
-  auto pre = at::empty({k, n}, z.options());
+  auto logdet = at::empty(z.sizes().slice(0, z.dim() - 1), z.options());
+  auto inputs = at::empty({k, e, blocks, d, LANES}, z.options());
+  auto kept = at::empty({k, e, blocks, LANES}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "planar_forward", [&] {
-    const scalar_t *zp = z.data_ptr<scalar_t>(), *up = u.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>(),
-                   *bp = b.data_ptr<scalar_t>(), *ap = wu.data_ptr<scalar_t>();
-    scalar_t *xp = x.data_ptr<scalar_t>(), *lp = logdet.data_ptr<scalar_t>(), *ip = inputs.data_ptr<scalar_t>(),
-             *pp = pre.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> point(d);
-      for (int64_t i = begin; i < end; ++i) {
-        for (int64_t j = 0; j < d; ++j) point[j] = zp[i * d + j];
-        scalar_t ld = 0;
-        for (int64_t l = 0; l < k; ++l) {
-          scalar_t s = bp[l];
-          for (int64_t j = 0; j < d; ++j) {
-            ip[(l * n + i) * d + j] = point[j];
-            s += wp[l * d + j] * point[j];
-          }
-          pp[l * n + i] = s;
-          scalar_t h, d1, d2;
-          activate<scalar_t>(static_cast<int>(act), s, h, d1, d2);
-          for (int64_t j = 0; j < d; ++j) point[j] += up[l * d + j] * h;
-          ld += std::log1p(ap[l] * d1);
-        }
-        for (int64_t j = 0; j < d; ++j) xp[i * d + j] = point[j];
-        lp[i] = ld;
-      }
+    const PlanarArrays<scalar_t> r{e, n, d, k, blocks, u.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                   b.data_ptr<scalar_t>(), wu.data_ptr<scalar_t>(), inputs.data_ptr<scalar_t>(),
+                                   kept.data_ptr<scalar_t>()};
+    const auto run = vector_width == 32 ? PlanarBlocksAVX2<scalar_t>::forward : PlanarBlocks<scalar_t>::forward;
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t *xp = x.data_ptr<scalar_t>(), *lp = logdet.data_ptr<scalar_t>();
+    for_blocks(e, blocks, [&](int64_t m, int64_t block) {
+      std::vector<scalar_t> out(d * LANES);
+      scalar_t ld[LANES];
+      const int64_t start = block * LANES, count = std::min(LANES, n - start);
+      gather_block(zp + m * n * d, n, d, start, r.input(0, m, block));
+      run(r, static_cast<int>(act), m, block, out.data(), ld);
+      scatter_block(out.data(), n, d, start, xp + m * n * d);
+      std::copy(ld, ld + count, lp + m * n + start);
     });
   });
-  return {x, logdet, inputs, pre};
+  return {x, logdet, inputs, kept};
 }
 
 // Backward of planar_forward: (grad_z, grad_u, grad_w, grad_b, grad_wu).
-std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logdet, at::Tensor inputs, at::Tensor pre,
+std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logdet, at::Tensor inputs, at::Tensor kept,
                                         at::Tensor u, at::Tensor w, at::Tensor wu, int64_t act) {
   grad_x = grad_x.contiguous(); grad_logdet = grad_logdet.contiguous(); u = u.contiguous(); w = w.contiguous();
   wu = wu.contiguous();
-  const int64_t k = inputs.size(0), n = inputs.size(1), d = inputs.size(2);
-  const int64_t width = k * (2 * d + 2);  // per thread: grad_u (K,d), grad_w (K,d), grad_b (K), grad_wu (K)
+  const int64_t k = inputs.size(0), e = inputs.size(1), blocks = inputs.size(2), d = inputs.size(3);
+  const int64_t n = grad_x.size(-2), layers = k * e, width = layers * (2 * d + 2);  // per thread: u, w, b, wu
   const int64_t threads = at::get_num_threads();
   auto grad_z = at::empty_like(grad_x);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "planar_backward", [&] {
+    const PlanarArrays<scalar_t> r{e, n, d, k, blocks, u.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), nullptr,
+                                   wu.data_ptr<scalar_t>(), inputs.data_ptr<scalar_t>(), kept.data_ptr<scalar_t>()};
+    const auto run = vector_width == 32 ? PlanarBlocksAVX2<scalar_t>::backward : PlanarBlocks<scalar_t>::backward;
     std::vector<scalar_t> partial(threads * width, 0);
-    const scalar_t *gx = grad_x.data_ptr<scalar_t>(), *gl = grad_logdet.data_ptr<scalar_t>(),
-                   *ip = inputs.data_ptr<scalar_t>(), *pp = pre.data_ptr<scalar_t>(), *up = u.data_ptr<scalar_t>(),
-                   *wp = w.data_ptr<scalar_t>(), *ap = wu.data_ptr<scalar_t>();
+    const scalar_t *gx = grad_x.data_ptr<scalar_t>(), *gl = grad_logdet.data_ptr<scalar_t>();
     scalar_t* gz = grad_z.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for_blocks(e, blocks, [&](int64_t m, int64_t block) {
       scalar_t* acc = partial.data() + at::get_thread_num() * width;
-      scalar_t *gu = acc, *gw = acc + k * d, *gb = acc + 2 * k * d, *ga = acc + 2 * k * d + k;
-      std::vector<scalar_t> g(d);
-      for (int64_t i = begin; i < end; ++i) {
-        for (int64_t j = 0; j < d; ++j) g[j] = gx[i * d + j];
-        const scalar_t lam = gl[i];
-        for (int64_t l = k - 1; l >= 0; --l) {
-          scalar_t h, d1, d2;
-          activate<scalar_t>(static_cast<int>(act), pp[l * n + i], h, d1, d2);
-          const scalar_t weight = lam / (1 + ap[l] * d1);
-          scalar_t gu_dot = 0;
-          for (int64_t j = 0; j < d; ++j) gu_dot += g[j] * up[l * d + j];
-          const scalar_t d_pre = d1 * gu_dot + weight * ap[l] * d2;
-          for (int64_t j = 0; j < d; ++j) {
-            gu[l * d + j] += h * g[j];
-            gw[l * d + j] += d_pre * ip[(l * n + i) * d + j];
-          }
-          gb[l] += d_pre;
-          ga[l] += weight * d1;
-          for (int64_t j = 0; j < d; ++j) g[j] += d_pre * wp[l * d + j];
-        }
-        for (int64_t j = 0; j < d; ++j) gz[i * d + j] = g[j];
-      }
+      std::vector<scalar_t> g(d * LANES);
+      scalar_t lam[LANES] = {};  // padding lanes: no gradient, so they add nothing
+      const int64_t start = block * LANES, count = std::min(LANES, n - start);
+      gather_block(gx + m * n * d, n, d, start, g.data());
+      std::copy(gl + m * n + start, gl + m * n + start + count, lam);
+      run(r, static_cast<int>(act), m, block, g.data(), lam, acc, acc + layers * d, acc + 2 * layers * d,
+          acc + 2 * layers * d + layers);
+      scatter_block(g.data(), n, d, start, gz + m * n * d);
     });
     auto total = reduce<scalar_t>(partial, threads, width, grad_x);
-    out = {grad_z, total.narrow(0, 0, k * d).view({k, d}), total.narrow(0, k * d, k * d).view({k, d}),
-           total.narrow(0, 2 * k * d, k), total.narrow(0, 2 * k * d + k, k)};
+    out = {grad_z, total.narrow(0, 0, layers * d).view(u.sizes()), total.narrow(0, layers * d, layers * d).view(u.sizes()),
+           total.narrow(0, 2 * layers * d, layers).view(wu.sizes()),
+           total.narrow(0, 2 * layers * d + layers, layers).view(wu.sizes())};
   });
   return out;
 }
@@ -255,6 +531,7 @@ std::vector<at::Tensor> radial_backward(at::Tensor grad_x, at::Tensor grad_logde
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("planar_forward", &planar_forward, "planar run, forward");
   m.def("planar_backward", &planar_backward, "planar run, backward");
+  m.def("planar_vector_bytes", &planar_vector_bytes, "vector width of the planar kernels (bytes)");
   m.def("radial_forward", &radial_forward, "radial run, forward");
   m.def("radial_backward", &radial_backward, "radial run, backward");
 }
