@@ -280,8 +280,8 @@ FLOWPROBE_INLINE void planar_block_forward(const PlanarArrays<T>& r, int act, in
   ld.to(logdet);
 }
 
-// One block backward through the K layers: g (d,LANES) holds dL/dx on entry and dL/dz on exit; the
-// parameter gradients are added to grad_u, grad_w (K,E,d), grad_b, grad_wu (K,E).
+// One block backward through the K layers: g (d,LANES) holds dL/dx on entry and dL/dz on exit; the block's
+// parameter gradients (of its member) are added to grad_u, grad_w (K,d), grad_b, grad_wu (K).
 template <typename T, int B>
 FLOWPROBE_INLINE void planar_block_backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* g,
                                             const T* lam_in, T* grad_u, T* grad_w, T* grad_b, T* grad_wu) {
@@ -296,12 +296,12 @@ FLOWPROBE_INLINE void planar_block_backward(const PlanarArrays<T>& r, int act, i
     const Lanes weight = lam / (T(1) + a * d1);
     Lanes d_pre = a * (weight * d2);
     for (int64_t j = 0; j < d; ++j) d_pre = d_pre + ul[j] * (d1 * Lanes::from(g + j * LANES));
-    grad_b[layer] += d_pre.sum();
-    grad_wu[layer] += (weight * d1).sum();
+    grad_b[l] += d_pre.sum();
+    grad_wu[l] += (weight * d1).sum();
     for (int64_t j = 0; j < d; ++j) {
       const Lanes gj = Lanes::from(g + j * LANES);
-      grad_u[layer * d + j] += (h * gj).sum();
-      grad_w[layer * d + j] += (d_pre * Lanes::from(x + j * LANES)).sum();
+      grad_u[l * d + j] += (h * gj).sum();
+      grad_w[l * d + j] += (d_pre * Lanes::from(x + j * LANES)).sum();
       (gj + wl[j] * d_pre).to(g + j * LANES);
     }
   }
@@ -403,38 +403,51 @@ std::vector<at::Tensor> planar_forward(at::Tensor z, at::Tensor u, at::Tensor w,
   return {x, logdet, inputs, kept};
 }
 
-// Backward of planar_forward: (grad_z, grad_u, grad_w, grad_b, grad_wu).
+// Backward of planar_forward: (grad_z, grad_u, grad_w, grad_b, grad_wu). Each block's parameter gradients
+// go to a slot of their own and are summed over the blocks in order, so that the result does not depend
+// on the number of threads and a member of an ensemble gets exactly the gradients of its solo run.
 std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logdet, at::Tensor inputs, at::Tensor kept,
                                         at::Tensor u, at::Tensor w, at::Tensor wu, int64_t act) {
   grad_x = grad_x.contiguous(); grad_logdet = grad_logdet.contiguous(); u = u.contiguous(); w = w.contiguous();
   wu = wu.contiguous();
   const int64_t k = inputs.size(0), e = inputs.size(1), blocks = inputs.size(2), d = inputs.size(3);
-  const int64_t n = grad_x.size(-2), layers = k * e, width = layers * (2 * d + 2);  // per thread: u, w, b, wu
-  const int64_t threads = at::get_num_threads();
+  const int64_t n = grad_x.size(-2), width = k * (2 * d + 2);  // a block's slot: u, w (K,d), b, wu (K)
   auto grad_z = at::empty_like(grad_x);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "planar_backward", [&] {
     const PlanarArrays<scalar_t> r{e, n, d, k, blocks, u.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), nullptr,
                                    wu.data_ptr<scalar_t>(), inputs.data_ptr<scalar_t>(), kept.data_ptr<scalar_t>()};
     const auto run = vector_width == 32 ? PlanarBlocksAVX2<scalar_t>::backward : PlanarBlocks<scalar_t>::backward;
-    std::vector<scalar_t> partial(threads * width, 0);
+    std::vector<scalar_t> slots(e * blocks * width, 0);
     const scalar_t *gx = grad_x.data_ptr<scalar_t>(), *gl = grad_logdet.data_ptr<scalar_t>();
     scalar_t* gz = grad_z.data_ptr<scalar_t>();
     for_blocks(e, blocks, [&](int64_t m, int64_t block) {
-      scalar_t* acc = partial.data() + at::get_thread_num() * width;
+      scalar_t* slot = slots.data() + (m * blocks + block) * width;
       std::vector<scalar_t> g(d * LANES);
       scalar_t lam[LANES] = {};  // padding lanes: no gradient, so they add nothing
       const int64_t start = block * LANES, count = std::min(LANES, n - start);
       gather_block(gx + m * n * d, n, d, start, g.data());
       std::copy(gl + m * n + start, gl + m * n + start + count, lam);
-      run(r, static_cast<int>(act), m, block, g.data(), lam, acc, acc + layers * d, acc + 2 * layers * d,
-          acc + 2 * layers * d + layers);
+      run(r, static_cast<int>(act), m, block, g.data(), lam, slot, slot + k * d, slot + 2 * k * d,
+          slot + 2 * k * d + k);
       scatter_block(g.data(), n, d, start, gz + m * n * d);
     });
-    auto total = reduce<scalar_t>(partial, threads, width, grad_x);
-    out = {grad_z, total.narrow(0, 0, layers * d).view(u.sizes()), total.narrow(0, layers * d, layers * d).view(u.sizes()),
-           total.narrow(0, 2 * layers * d, layers).view(wu.sizes()),
-           total.narrow(0, 2 * layers * d + layers, layers).view(wu.sizes())};
+    auto grad_u = at::zeros_like(u), grad_w = at::zeros_like(w), grad_b = at::zeros_like(wu), grad_wu = at::zeros_like(wu);
+    scalar_t *gu = grad_u.data_ptr<scalar_t>(), *gw = grad_w.data_ptr<scalar_t>(), *gb = grad_b.data_ptr<scalar_t>(),
+             *ga = grad_wu.data_ptr<scalar_t>();
+    for (int64_t m = 0; m < e; ++m)
+      for (int64_t block = 0; block < blocks; ++block) {
+        const scalar_t* slot = slots.data() + (m * blocks + block) * width;
+        for (int64_t l = 0; l < k; ++l) {
+          for (int64_t j = 0; j < d; ++j) {
+            gu[(l * e + m) * d + j] += slot[l * d + j];
+            gw[(l * e + m) * d + j] += slot[k * d + l * d + j];
+          }
+          gb[l * e + m] += slot[2 * k * d + l];
+          ga[l * e + m] += slot[2 * k * d + k + l];
+        }
+      }
+    out = {grad_z, grad_u, grad_w, grad_b, grad_wu};
   });
   return out;
 }
