@@ -2,7 +2,9 @@
 
 The work (issues 12 and 14): E = 16 seeds of planar-tanh K = 32 on U1 (Rezende & Mohamed 2015), reverse
 KL, ``--steps`` Adam steps each at batch 256 (lr 1e-3, as rows (a) of ``compare_anchors.py``), float32.
-Timed side by side in one run, after a warm-up of each:
+Timed side by side in one run, after a warm-up of each; the ensemble and the flowprobe sequential runs
+alternate ``--reps`` times (the ensemble's timed window is short, so one repetition is at the mercy of
+a shared machine's noise), and the ratio is the median over repetitions of the paired ratios:
 
 * **ensemble**: one ``flowprobe.fit(flow, energy=U1, seeds=[0..E-1])`` of an ensemble flow (every member
   initialised as its solo run, ``seeded_ensemble``);
@@ -10,7 +12,8 @@ Timed side by side in one run, after a warm-up of each:
 * **normflows sequential**: E runs of the explicit reverse-KL loop of ``compare_anchors.py`` (same loss,
   batch, Adam, lr; lighter than ``fit``: no clipping, annealing or records), when normflows is installed.
 
-Reported: flows trained per second of each and the ratios, and the largest difference between an
+Reported: flows trained per second of each (median seconds) and the ratios (with their smallest and
+largest over the repetitions), and the largest difference between an
 ensemble member and its solo run (the members must be the solo runs). ``--profile`` adds the top ops
 of one ensemble step and one solo step (``torch.profiler``).
 
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -89,11 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", type=int, default=16, help="E: seeds per ensemble (default 16)")
     parser.add_argument("--steps", type=int, default=500, help="Adam steps per flow (default 500)")
-    parser.add_argument("--quick", action="store_true", help="4 members, 30 steps (a smoke test)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of ensemble vs sequential (default 5)")
+    parser.add_argument("--quick", action="store_true", help="4 members, 30 steps, 2 repetitions (a smoke test)")
     parser.add_argument("--profile", action="store_true", help="print where the time of a step goes")
     parser.add_argument("--json", help="write the numbers to this file")
     args = parser.parse_args(argv)
-    members, steps = (4, 30) if args.quick else (args.members, args.steps)
+    members, steps, reps = (4, 30, 2) if args.quick else (args.members, args.steps, args.reps)
     torch.set_num_threads(THREADS)
     seeds = list(range(members))
     have_normflows = compare_anchors.installed("normflows")
@@ -101,11 +106,16 @@ def main(argv: list[str] | None = None) -> dict:
     ensemble_run(seeds[:2], 5), solo_run(0, 5)  # warm-up: first-call costs out of the timings
     if have_normflows:
         normflows_run(0, 5)
-    seconds = {}
-    seconds["ensemble"], ensemble = timed(lambda: ensemble_run(seeds, steps))
-    seconds["flowprobe sequential"], solos = timed(lambda: [solo_run(s, steps) for s in seeds])
+    runs: dict[str, list[float]] = {"ensemble": [], "flowprobe sequential": []}
+    for _ in range(reps):
+        seconds, ensemble = timed(lambda: ensemble_run(seeds, steps))
+        runs["ensemble"].append(seconds)
+        seconds, solos = timed(lambda: [solo_run(s, steps) for s in seeds])
+        runs["flowprobe sequential"].append(seconds)
     if have_normflows:
-        seconds["normflows sequential"], _ = timed(lambda: [normflows_run(s, steps) for s in seeds])
+        runs["normflows sequential"] = [timed(lambda: [normflows_run(s, steps) for s in seeds])[0]]
+    seconds = {name: statistics.median(values) for name, values in runs.items()}
+    paired = [b / a for a, b in zip(runs["ensemble"], runs["flowprobe sequential"], strict=True)]
     difference = max(
         float((a - b).detach().abs().max())
         for i, solo in enumerate(solos)
@@ -116,17 +126,22 @@ def main(argv: list[str] | None = None) -> dict:
         "work": f"{members} × {SPEC} on U1, reverse KL, {steps} steps at batch {BATCH}, lr {LR:g}, float32",
         "threads": THREADS,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "repetitions": reps,
         "seconds": seconds,
+        "seconds_per_repetition": runs,
         "flows_per_s": rates,
-        "speedup_vs_flowprobe_sequential": rates["ensemble"] / rates["flowprobe sequential"],
+        "speedup_vs_flowprobe_sequential": statistics.median(paired),
+        "speedup_vs_flowprobe_sequential_range": [min(paired), max(paired)],
         "speedup_vs_normflows_sequential": (rates["ensemble"] / rates["normflows sequential"]) if have_normflows
         else "normflows not installed",
         "max_member_vs_solo_difference": difference,
     }
-    print(f"{result['work']}; {THREADS} thread(s)")
+    print(f"{result['work']}; {THREADS} thread(s); median of {reps} repetitions (normflows: one)")
     print(f"| {'':<22} | {'wall s':>8} | {'flows/s':>8} | {'ensemble ×':>10} |")
     for name, s in seconds.items():
-        print(f"| {name:<22} | {s:>8.2f} | {rates[name]:>8.3f} | {rates['ensemble'] / rates[name]:>10.2f} |")
+        ratio = statistics.median(paired) if name == "flowprobe sequential" else rates["ensemble"] / rates[name]
+        print(f"| {name:<22} | {s:>8.2f} | {rates[name]:>8.3f} | {ratio:>10.2f} |")
+    print(f"ensemble × flowprobe sequential per repetition: {', '.join(f'{r:.2f}' for r in paired)}")
     if not have_normflows:
         print("normflows: not installed (pip install normflows==1.7.3)")
     print(f"largest |ensemble member − solo run| over the parameters: {difference:.2e}")

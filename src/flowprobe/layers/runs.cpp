@@ -179,11 +179,15 @@ struct Block {
   static FLOWPROBE_INLINE Block fill(T value) { Block b; for (int64_t q = 0; q < Q; ++q) b.v[q] = V{} + value; return b; }
   static FLOWPROBE_INLINE Block from(const T* p) { Block b; for (int64_t q = 0; q < Q; ++q) b.v[q] = load<V>(p + q * W); return b; }
   FLOWPROBE_INLINE void to(T* p) const { for (int64_t q = 0; q < Q; ++q) store(v[q], p + q * W); }
-  FLOWPROBE_INLINE T sum() const {  // the same pairwise order whatever B
-    T a[LANES];
-    to(a);
-    for (int64_t w = LANES / 2; w > 0; w /= 2)
-      for (int64_t i = 0; i < w; ++i) a[i] += a[i + w];
+  FLOWPROBE_INLINE T sum() const {  // pairwise, lane i + h onto lane i for h = 8, 4, 2, 1: the same bits whatever B
+    V s[Q];
+    for (int64_t q = 0; q < Q; ++q) s[q] = v[q];
+    for (int64_t half = Q / 2; half > 0; half /= 2)
+      for (int64_t q = 0; q < half; ++q) s[q] += s[q + half];
+    T a[W];
+    store(s[0], a);
+    for (int64_t half = W / 2; half > 0; half /= 2)
+      for (int64_t i = 0; i < half; ++i) a[i] += a[i + half];
     return a[0];
   }
   template <typename F> FLOWPROBE_INLINE Block map(const F& f) const { Block r; for (int64_t q = 0; q < Q; ++q) r.v[q] = f(v[q]); return r; }
@@ -432,21 +436,26 @@ std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logde
           slot + 2 * k * d + k);
       scatter_block(g.data(), n, d, start, gz + m * n * d);
     });
-    auto grad_u = at::zeros_like(u), grad_w = at::zeros_like(w), grad_b = at::zeros_like(wu), grad_wu = at::zeros_like(wu);
+    auto grad_u = at::empty_like(u), grad_w = at::empty_like(w), grad_b = at::empty_like(wu), grad_wu = at::empty_like(wu);
     scalar_t *gu = grad_u.data_ptr<scalar_t>(), *gw = grad_w.data_ptr<scalar_t>(), *gb = grad_b.data_ptr<scalar_t>(),
              *ga = grad_wu.data_ptr<scalar_t>();
-    for (int64_t m = 0; m < e; ++m)
-      for (int64_t block = 0; block < blocks; ++block) {
-        const scalar_t* slot = slots.data() + (m * blocks + block) * width;
+    at::parallel_for(0, e, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> total(width);
+      for (int64_t m = begin; m < end; ++m) {
+        const scalar_t* slot = slots.data() + m * blocks * width;
+        std::copy(slot, slot + width, total.begin());
+        for (int64_t block = 1; block < blocks; ++block)
+          for (int64_t i = 0; i < width; ++i) total[i] += slot[block * width + i];
         for (int64_t l = 0; l < k; ++l) {
           for (int64_t j = 0; j < d; ++j) {
-            gu[(l * e + m) * d + j] += slot[l * d + j];
-            gw[(l * e + m) * d + j] += slot[k * d + l * d + j];
+            gu[(l * e + m) * d + j] = total[l * d + j];
+            gw[(l * e + m) * d + j] = total[k * d + l * d + j];
           }
-          gb[l * e + m] += slot[2 * k * d + l];
-          ga[l * e + m] += slot[2 * k * d + k + l];
+          gb[l * e + m] = total[2 * k * d + l];
+          ga[l * e + m] = total[2 * k * d + k + l];
         }
       }
+    });
     out = {grad_z, grad_u, grad_w, grad_b, grad_wu};
   });
   return out;
