@@ -129,3 +129,17 @@ def test_compiled_planar_gradients_do_not_depend_on_threads_and_a_member_gets_it
     assert torch.equal(x, runs[0][0][1]) and torch.equal(logdet, runs[0][1][1])
     for member_grad, solo_grad in zip(runs[0][2][1:], grads[1:], strict=True):
         assert torch.equal(member_grad[1], solo_grad)
+
+
+@pytest.mark.parametrize("slopes", [[1e12] * 6, [-0.9999999] * 3 + [0.5] * 3, [0.5, 3.0, -0.5, 1e-9, 7.0, 0.25],
+                                    [0.5, -1.0, 0.5]])
+def test_float32_log_det_of_the_compiled_kernel_with_huge_and_tiny_slopes(slopes, vector_bytes):
+    """float32 sums the log-det terms of 4 layers as one log of their product where it cannot overflow or
+    underflow; products out of range (1 + wᵀû h' of 10¹² per layer, or 0) fall back to a log per layer."""
+    k = len(slopes)
+    z = torch.zeros(20, 2)  # pre-activation b = 0: h' = 1, so the log-det is Σ log(1 + wᵀû)
+    u, w, b = torch.zeros(k, 2), torch.zeros(k, 2), torch.zeros(k)
+    wu = torch.tensor(slopes)
+    _, logdet, _, _ = MODULE.planar_forward(z, u, w, b, wu, 0)
+    exact = torch.log1p(wu.double()).sum()  # of the float32 slopes
+    torch.testing.assert_close(logdet.double(), exact.expand(20), rtol=1e-6, atol=1e-6)

@@ -260,16 +260,37 @@ struct PlanarArrays {
   T* keep(int64_t l, int64_t m, int64_t block) const { return kept + ((l * e + m) * blocks + block) * LANES; }
 };
 
+// The log-det terms of `count` layers, sum_i log(1 + t_i). In float32 one log of their product where every
+// lane's product lies in [1e-30, 1e30] (a float32 log per layer costs as much as the rest of the layer);
+// otherwise, and in float64, log1p term by term.
+template <typename T, int B>
+FLOWPROBE_INLINE Block<T, B> log_det_terms(const Block<T, B>* t, int64_t count) {
+  using Lanes = Block<T, B>;
+  using V = typename Lanes::V;
+  using I = typename Lanes::I;
+  if constexpr (sizeof(T) == sizeof(float)) {
+    Lanes product = T(1) + t[0];
+    for (int64_t i = 1; i < count; ++i) product = product * (T(1) + t[i]);
+    I inside = product.v[0] > T(1e-30) & product.v[0] < T(1e30);
+    for (int64_t q = 1; q < Lanes::Q; ++q) inside &= product.v[q] > T(1e-30) & product.v[q] < T(1e30);
+    bool all = true;
+    for (int64_t i = 0; i < Lanes::W; ++i) all = all && inside[i] != 0;
+    if (all) return product.map([](V x) { return log_vec<V, I>(x); });
+  }
+  Lanes total = t[0].map([](V x) { return log1p_vec<V, I>(x); });
+  for (int64_t i = 1; i < count; ++i) total = total + t[i].map([](V x) { return log1p_vec<V, I>(x); });
+  return total;
+}
+
 // One block through the K layers: reads its points from input(0, ...), writes every later layer's input,
 // the last layer's output to `out` (d,LANES) and the log-det to `logdet` (LANES).
 template <typename T, int B>
 FLOWPROBE_INLINE void planar_block_forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out,
                                            T* logdet) {
   using Lanes = Block<T, B>;
-  using V = typename Lanes::V;
-  using I = typename Lanes::I;
+  constexpr int64_t GROUP = 4;  // layers per log of a product
   const int64_t d = r.d;
-  Lanes ld = Lanes::fill(0), h, d1, keep;
+  Lanes ld = Lanes::fill(0), h, d1, keep, terms[GROUP];
   for (int64_t l = 0; l < r.k; ++l) {
     const int64_t layer = l * r.e + m;
     const T *ul = r.u + layer * d, *wl = r.w + layer * d, *x = r.input(l, m, block);
@@ -279,7 +300,8 @@ FLOWPROBE_INLINE void planar_block_forward(const PlanarArrays<T>& r, int act, in
     activate_block(act, s, h, d1, keep);
     keep.to(r.keep(l, m, block));
     for (int64_t j = 0; j < d; ++j) (Lanes::from(x + j * LANES) + ul[j] * h).to(next + j * LANES);
-    ld = ld + (r.wu[layer] * d1).map([](V t) { return log1p_vec<V, I>(t); });
+    terms[l % GROUP] = r.wu[layer] * d1;
+    if (l % GROUP == GROUP - 1 || l == r.k - 1) ld = ld + log_det_terms(terms, l % GROUP + 1);
   }
   ld.to(logdet);
 }
