@@ -53,8 +53,8 @@ __all__ = [
 
 SCHEDULES = ("cosine", "constant")
 # Runs at least this long build the compiled run kernels if they are missing (``layers/native.py``):
-# the build (~1 min on 2 cores, once per machine) then costs less than the per-step time it saves
-# (benchmarks/whole_run.py, planar K = 32 on U1, 20 000 steps: 140.8 s eager, 130.6 s building first).
+# the build (~40 s on 2 cores, once per machine) then costs less than the per-step time it saves
+# (benchmarks/whole_run.py, planar K = 32 on U1, 20 000 steps: 100.0 s eager, 73.0 s building first).
 NATIVE_BUILD_STEPS = 20_000
 CHECKPOINT_FORMAT = 2
 
