@@ -4,6 +4,7 @@ run kernels (``docs/layers.md``)."""
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
@@ -154,19 +155,24 @@ class Planar(FlowLayer):
         return z, -torch.log1p(p.wu * self.act.derivative(pre))
 
     def forward_run(self, z: Tensor, p: PlanarParams) -> tuple[Tensor, Tensor]:
-        module = native.usable(z) if self.act.native is not None else None
         if not uses_fused_kernels(z, p.u.dim() == 2):
             if _members(z, p) and needs_grad(z, p) and fused_kernels_allowed():
                 members = [t.squeeze(2) for t in p]
+                module = self._compiled_kernels(z)
                 if module is not None:
                     return native.NativeRun.apply("planar", module, self.act.native, z, *members)
                 return _PlanarMembersRun.apply(z, *members, self.act)
             return super().forward_run(z, p)
         if not needs_grad(z, p):
             return _forward_eval(z, p, self.act)
+        module = self._compiled_kernels(z)
         if module is not None:
             return native.NativeRun.apply("planar", module, self.act.native, z, *p)
         return _PlanarRun.apply(z, p.u, p.w, p.b, p.wu, self.act)
+
+    def _compiled_kernels(self, z: Tensor) -> ModuleType | None:
+        """The compiled run kernels for a run on ``z`` with this activation, if built and usable."""
+        return native.usable(z) if self.act.native is not None else None
 
     def inverse_run(self, x: Tensor, p: PlanarParams) -> tuple[Tensor, Tensor]:
         if uses_fused_kernels(x, p.u.dim() == 2):
