@@ -1,14 +1,14 @@
 // Fused CPU kernels for shared-parameter planar and radial runs: the forward of all K layers and its
 // analytic backward in one call each (flowprobe/layers/native.py builds and loads this file).
 //
-// Points are independent, so each call walks the K layers point by point in parallel; parameter
-// gradients are summed per thread and reduced at the end. The formulas are those of the Python
-// kernels (_PlanarRun, _RadialRun in planar.py / radial.py), which the tests compare with these.
+// Points are independent, so each call walks the K layers in parallel over points. The formulas are
+// those of the Python kernels (_PlanarRun, _RadialRun in planar.py / radial.py), which the tests
+// compare with these. Radial runs go point by point and sum parameter gradients per thread.
 //
 // Planar runs take an ensemble dimension E (E = 1 for one flow): each member has its own parameters
-// and its own points. Points go through the layers in blocks of LANES, coordinate-major, so that every
-// step of a layer (tanh and log1p included, in float32) is a loop over the lanes that the compiler
-// vectorises.
+// and its own points. Points go through the layers in blocks of LANES, coordinate-major, as SIMD
+// vectors (tanh and log1p included, in float32); each block's parameter gradients are summed over the
+// blocks in a fixed order (docs/layers.md, section 1).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
