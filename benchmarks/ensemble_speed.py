@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="write the numbers to this file")
     args = parser.parse_args(argv)
     members, steps, reps = (4, 30, 2) if args.quick else (args.members, args.steps, args.reps)
+    if min(members, steps, reps) < 1:
+        parser.error("--members, --steps and --reps must be positive")
     torch.set_num_threads(THREADS)
     seeds = list(range(members))
     have_normflows = compare_anchors.installed("normflows")
