@@ -536,10 +536,14 @@ class _Loop:
         grads = [p.grad.reshape(m, -1) for p in self.params if p.grad is not None]
         norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads]), dim=0)
         clip = self.config.clip or math.inf
-        coef = torch.clamp(clip / (norms + 1e-6), max=1.0)
+        coef = torch.clamp(clip / (norms + 1e-6), max=1.0).unsqueeze(-1)
+        if all(active):
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+            return norms.tolist()
         keep = torch.tensor(active, device=norms.device).unsqueeze(-1)
         for g in grads:
-            g.copy_(torch.where(keep, g * coef.unsqueeze(-1).to(g.dtype), torch.zeros_like(g)))
+            g.copy_(torch.where(keep, g * coef.to(g.dtype), torch.zeros_like(g)))
         return norms.tolist()
 
     def _fail(self, member: int, what: str) -> None:

@@ -157,11 +157,10 @@ class Planar(FlowLayer):
     def forward_run(self, z: Tensor, p: PlanarParams) -> tuple[Tensor, Tensor]:
         if not uses_fused_kernels(z, p.u.dim() == 2):
             if _members(z, p) and needs_grad(z, p) and fused_kernels_allowed():
-                members = [t.squeeze(2) for t in p]
                 module = self._compiled_kernels(z)
-                if module is not None:
-                    return native.NativeRun.apply("planar", module, self.act.native, z, *members)
-                return _PlanarMembersRun.apply(z, *members, self.act)
+                if module is not None:  # it reads (K, E, 1, d) as (K, E, d): the same memory
+                    return native.NativeRun.apply("planar", module, self.act.native, z, *p)
+                return _PlanarMembersRun.apply(z, *(t.squeeze(2) for t in p), self.act)
             return super().forward_run(z, p)
         if not needs_grad(z, p):
             return _forward_eval(z, p, self.act)
