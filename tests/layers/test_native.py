@@ -143,3 +143,12 @@ def test_float32_log_det_of_the_compiled_kernel_with_huge_and_tiny_slopes(slopes
     _, logdet, _, _ = MODULE.planar_forward(z, u, w, b, wu, 0)
     exact = torch.log1p(wu.double()).sum()  # of the float32 slopes
     torch.testing.assert_close(logdet.double(), exact.expand(20), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_planar_kernel_with_no_points():
+    """N = 0 (the layers refuse it; the kernel called directly must not read past its buffers): zero gradients."""
+    z, u, b = torch.zeros(2, 0, 2), torch.ones(3, 2, 2), torch.ones(3, 2)
+    x, logdet, inputs, kept = MODULE.planar_forward(z, u, u, b, b, 0)
+    assert x.shape == (2, 0, 2) and logdet.shape == (2, 0)
+    for grad in MODULE.planar_backward(x, logdet, inputs, kept, u, u, b, 0)[1:]:
+        assert torch.equal(grad, torch.zeros_like(grad))

@@ -206,8 +206,21 @@ FLOWPROBE_BLOCK_OP(*)
 FLOWPROBE_BLOCK_OP(/)
 #undef FLOWPROBE_BLOCK_OP
 
-// What the forward keeps per layer for the backward: h(pre) for tanh (whose h', h'' are functions of h),
-// the pre-activation for the other activations.
+// h, h', h'' value by value (the activations without a vector form).
+template <typename T, int B>
+FLOWPROBE_INLINE void activate_values(int act, const Block<T, B>& t, Block<T, B>& h, Block<T, B>& d1, Block<T, B>& d2) {
+  for (int64_t q = 0; q < Block<T, B>::Q; ++q)
+    for (int64_t i = 0; i < Block<T, B>::W; ++i) {
+      T hv, d1v, d2v;
+      activate(act, t.v[q][i], hv, d1v, d2v);
+      h.v[q][i] = hv;
+      d1.v[q][i] = d1v;
+      d2.v[q][i] = d2v;
+    }
+}
+
+// h and h' of a block of pre-activations, and what the forward keeps per layer for the backward: h for
+// tanh (whose h', h'' are functions of h), the pre-activation for the other activations.
 template <typename T, int B>
 FLOWPROBE_INLINE void activate_block(int act, const Block<T, B>& t, Block<T, B>& h, Block<T, B>& d1, Block<T, B>& keep) {
   using V = typename Block<T, B>::V;
@@ -218,13 +231,8 @@ FLOWPROBE_INLINE void activate_block(int act, const Block<T, B>& t, Block<T, B>&
     keep = h;
     return;
   }
-  for (int64_t q = 0; q < Block<T, B>::Q; ++q)
-    for (int64_t i = 0; i < Block<T, B>::W; ++i) {
-      T hv, d1v, d2v;
-      activate(act, t.v[q][i], hv, d1v, d2v);
-      h.v[q][i] = hv;
-      d1.v[q][i] = d1v;
-    }
+  Block<T, B> d2;
+  activate_values(act, t, h, d1, d2);
   keep = t;
 }
 
@@ -232,20 +240,10 @@ FLOWPROBE_INLINE void activate_block(int act, const Block<T, B>& t, Block<T, B>&
 template <typename T, int B>
 FLOWPROBE_INLINE void derivatives_block(int act, const Block<T, B>& kept, Block<T, B>& h, Block<T, B>& d1,
                                         Block<T, B>& d2) {
-  if (act == TANH) {
-    h = kept;
-    d1 = T(1) - h * h;
-    d2 = T(-2) * (h * d1);
-    return;
-  }
-  for (int64_t q = 0; q < Block<T, B>::Q; ++q)
-    for (int64_t i = 0; i < Block<T, B>::W; ++i) {
-      T hv, d1v, d2v;
-      activate(act, kept.v[q][i], hv, d1v, d2v);
-      h.v[q][i] = hv;
-      d1.v[q][i] = d1v;
-      d2.v[q][i] = d2v;
-    }
+  if (act != TANH) return activate_values(act, kept, h, d1, d2);
+  h = kept;
+  d1 = T(1) - h * h;
+  d2 = T(-2) * (h * d1);
 }
 
 // A planar run's arrays: points (E,N,d), u, w (K,E,d), b, wu (K,E); saved per layer, in blocks of LANES
@@ -465,8 +463,8 @@ std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logde
       std::vector<scalar_t> total(width);
       for (int64_t m = begin; m < end; ++m) {
         const scalar_t* slot = slots.data() + m * blocks * width;
-        std::copy(slot, slot + width, total.begin());
-        for (int64_t block = 1; block < blocks; ++block)
+        std::fill(total.begin(), total.end(), scalar_t(0));  // safe for N = 0; 0 + x = x otherwise
+        for (int64_t block = 0; block < blocks; ++block)
           for (int64_t i = 0; i < width; ++i) total[i] += slot[block * width + i];
         for (int64_t l = 0; l < k; ++l) {
           for (int64_t j = 0; j < d; ++j) {
