@@ -26,15 +26,20 @@ def vector_bytes(request):
 
 def check(stack, points):
     """Compiled = PyTorch kernels to 1e-12 in float64; in float32 the compiled kernels' errors against
-    the float64 result are those of the PyTorch kernels (at most 4× theirs, plus rounding)."""
+    the float64 result are those of the PyTorch kernels (at most 4× theirs, plus rounding).
+
+    Errors are relative to each tensor's largest entry (at least 1): a parameter gradient is a sum over
+    points whose terms can be hundreds of times its value, and the order of a float32 sum (64-lane blocks
+    here, PyTorch's own there) moves it by a few ulp of the terms, not of the value."""
     compiled, reference = both(stack, points)
     if points.dtype == torch.float64:
         assert_same(compiled, reference, 1e-12)
         return
     exact, _ = both(stack.double(), points.double())
     stack.float()
-    flat = [torch.cat([t.flatten() for t in (r[0], r[1], *r[2])]).double() for r in (compiled, reference, exact)]
-    scale = flat[2].abs().clamp_min(1)
+    tensors = [(r[0], r[1], *r[2]) for r in (compiled, reference, exact)]
+    flat = [torch.cat([t.flatten() for t in ts]).double() for ts in tensors]
+    scale = torch.cat([t.abs().max().clamp_min(1).double().expand(t.numel()) for t in tensors[2]])
     error_compiled, error_torch = ((flat[0] - flat[2]) / scale).abs().max(), ((flat[1] - flat[2]) / scale).abs().max()
     assert error_compiled <= 4 * error_torch + 1e-6, (float(error_compiled), float(error_torch))
 
@@ -63,11 +68,12 @@ def test_compiled_planar_run_equals_the_pytorch_run(activation, dtype, vector_by
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])
 def test_compiled_ensemble_run_equals_the_pytorch_run(activation, dtype, vector_bytes):
-    """The E members' runs in one compiled call: N not a multiple of the kernel's block of 16 points."""
+    """The E members' runs in one compiled call: N not a multiple of the kernel's block of 64 points
+    (a full block and a padded one)."""
     torch.manual_seed(2)
     stack = fp.Planar(3, activation, layers=9, ensemble=5).to(dtype)
     perturb(stack, 0.5)
-    check(stack, 2 * torch.randn(5, 37, 3, dtype=dtype))
+    check(stack, 2 * torch.randn(5, 100, 3, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

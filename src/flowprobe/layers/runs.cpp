@@ -86,8 +86,9 @@ at::Tensor reduce(const std::vector<T>& partial, int64_t threads, int64_t size, 
 
 // Points go through a planar run in blocks of LANES: per coordinate, a Block of Q vectors of B bytes
 // (GCC/Clang vector types), so that every step of a layer is Q independent SIMD instructions. Blocks are
-// computed with 16-byte vectors (SSE2, NEON), or 32-byte ones where the CPU has AVX2 (chosen at run time).
-constexpr int64_t LANES = 16;
+// computed with 16-byte vectors (SSE2, NEON), or 32-byte ones with fused multiply-adds where the CPU has
+// AVX2 and FMA (chosen at run time). 64 lanes give every step of a layer several independent vectors.
+constexpr int64_t LANES = 64;
 #define FLOWPROBE_INLINE inline __attribute__((always_inline))
 
 template <typename T, int B> struct Vectors;
@@ -179,7 +180,7 @@ struct Block {
   static FLOWPROBE_INLINE Block fill(T value) { Block b; for (int64_t q = 0; q < Q; ++q) b.v[q] = V{} + value; return b; }
   static FLOWPROBE_INLINE Block from(const T* p) { Block b; for (int64_t q = 0; q < Q; ++q) b.v[q] = load<V>(p + q * W); return b; }
   FLOWPROBE_INLINE void to(T* p) const { for (int64_t q = 0; q < Q; ++q) store(v[q], p + q * W); }
-  FLOWPROBE_INLINE T sum() const {  // pairwise, lane i + h onto lane i for h = 8, 4, 2, 1: the same bits whatever B
+  FLOWPROBE_INLINE T sum() const {  // pairwise, lane i + h onto lane i for h = 32, 16, ..., 1: the same bits whatever B
     V s[Q];
     for (int64_t q = 0; q < Q; ++q) s[q] = v[q];
     for (int64_t half = Q / 2; half > 0; half /= 2)
@@ -247,15 +248,17 @@ FLOWPROBE_INLINE void derivatives_block(int act, const Block<T, B>& kept, Block<
 }
 
 // A planar run's arrays: points (E,N,d), u, w (K,E,d), b, wu (K,E); saved per layer, in blocks of LANES
-// points (N padded to B blocks): its inputs (K,E,B,d,LANES), coordinate-major, and what activate_block
-// keeps (K,E,B,LANES).
+// points (N padded to B blocks): its inputs (E,B,K,d,LANES), coordinate-major, and what activate_block
+// keeps (E,B,K,LANES). A block's K layers are contiguous: the forward writes, and the backward reads, one
+// stretch of memory per block (layer-major, the stores of a block were a page apart and cost a third of
+// the forward).
 template <typename T>
 struct PlanarArrays {
   int64_t e, n, d, k, blocks;
   const T *u, *w, *b, *wu;
   T *inputs, *kept;
-  T* input(int64_t l, int64_t m, int64_t block) const { return inputs + ((l * e + m) * blocks + block) * d * LANES; }
-  T* keep(int64_t l, int64_t m, int64_t block) const { return kept + ((l * e + m) * blocks + block) * LANES; }
+  T* input(int64_t l, int64_t m, int64_t block) const { return inputs + ((m * blocks + block) * k + l) * d * LANES; }
+  T* keep(int64_t l, int64_t m, int64_t block) const { return kept + ((m * blocks + block) * k + l) * LANES; }
 };
 
 // The log-det terms of `count` layers, sum_i log(1 + t_i). In float32 one log of their product where every
@@ -331,7 +334,7 @@ FLOWPROBE_INLINE void planar_block_backward(const PlanarArrays<T>& r, int act, i
   }
 }
 
-// The block functions compiled for 16-byte vectors and, on x86-64, for AVX2's 32-byte ones.
+// The block functions compiled for 16-byte vectors and, on x86-64, for AVX2's 32-byte ones (with FMA).
 template <typename T>
 struct PlanarBlocks {
   static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out, T* logdet) {
@@ -346,16 +349,16 @@ struct PlanarBlocks {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 template <typename T>
 struct PlanarBlocksAVX2 {
-  __attribute__((target("avx2"))) static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block,
+  __attribute__((target("avx2,fma"))) static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block,
                                                        T* out, T* logdet) {
     planar_block_forward<T, 32>(r, act, m, block, out, logdet);
   }
-  __attribute__((target("avx2"))) static void backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block,
+  __attribute__((target("avx2,fma"))) static void backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block,
                                                         T* g, const T* lam, T* gu, T* gw, T* gb, T* ga) {
     planar_block_backward<T, 32>(r, act, m, block, g, lam, gu, gw, gb, ga);
   }
 };
-int vector_width = __builtin_cpu_supports("avx2") ? 32 : 16;  // bytes; planar_vector_bytes() may lower it
+int vector_width = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 32 : 16;  // bytes; planar_vector_bytes() may lower it
 int widest = vector_width;
 #else
 template <typename T> using PlanarBlocksAVX2 = PlanarBlocks<T>;
@@ -365,7 +368,7 @@ int vector_width = 16, widest = 16;
 // Runs visit(member, block) over every block of every member, in parallel.
 template <typename F>
 void for_blocks(int64_t members, int64_t blocks, const F& visit) {
-  at::parallel_for(0, members * blocks, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, members * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) visit(index / blocks, index % blocks);
   });
 }
@@ -388,7 +391,7 @@ void scatter_block(const T* block, int64_t n, int64_t d, int64_t start, T* rows)
 
 }  // namespace
 
-// The vector width of the planar kernels in bytes: 32 (AVX2) where the CPU has it, else 16. `bytes` = 16
+// The vector width of the planar kernels in bytes: 32 (AVX2 and FMA) where the CPU has them, else 16. `bytes` = 16
 // or 32 sets it (at most what the CPU has; the tests run both); 0 leaves it. Returns the width in use.
 int64_t planar_vector_bytes(int64_t bytes) {
   if (bytes == 16 || bytes == 32) vector_width = std::min<int>(static_cast<int>(bytes), widest);
@@ -405,8 +408,8 @@ std::vector<at::Tensor> planar_forward(at::Tensor z, at::Tensor u, at::Tensor w,
   const int64_t blocks = (n + LANES - 1) / LANES;
   auto x = at::empty_like(z);
   auto logdet = at::empty(z.sizes().slice(0, z.dim() - 1), z.options());
-  auto inputs = at::empty({k, e, blocks, d, LANES}, z.options());
-  auto kept = at::empty({k, e, blocks, LANES}, z.options());
+  auto inputs = at::empty({e, blocks, k, d, LANES}, z.options());
+  auto kept = at::empty({e, blocks, k, LANES}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "planar_forward", [&] {
     const PlanarArrays<scalar_t> r{e, n, d, k, blocks, u.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                    b.data_ptr<scalar_t>(), wu.data_ptr<scalar_t>(), inputs.data_ptr<scalar_t>(),
@@ -434,7 +437,7 @@ std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logde
                                         at::Tensor u, at::Tensor w, at::Tensor wu, int64_t act) {
   grad_x = grad_x.contiguous(); grad_logdet = grad_logdet.contiguous(); u = u.contiguous(); w = w.contiguous();
   wu = wu.contiguous();
-  const int64_t k = inputs.size(0), e = inputs.size(1), blocks = inputs.size(2), d = inputs.size(3);
+  const int64_t e = inputs.size(0), blocks = inputs.size(1), k = inputs.size(2), d = inputs.size(3);
   const int64_t n = grad_x.size(-2), width = k * (2 * d + 2);  // a block's slot: u, w (K,d), b, wu (K)
   auto grad_z = at::empty_like(grad_x);
   std::vector<at::Tensor> out;
