@@ -1,19 +1,23 @@
 """Cost of ``Flow.log_prob`` (through the inverses) relative to ``rsample_and_log_prob``.
 
-Planar-tanh, K = 32, d = 2 by default; both timed side by side (alternating), medians of
-``--reps`` repetitions after a warm-up, without gradient (evaluation) and with gradient (a
-training step's forward + backward). The acceptance bound of the performance issue is a ratio
-≤ 3. ``--unfused`` times the layer-by-layer path for comparison.
+Planar-tanh, K = 32, d = 2 by default (``--family`` takes any spec family: ``sylvester:kind=orthogonal``
+and so on); both timed side by side (alternating), medians of ``--reps`` repetitions after a warm-up,
+without gradient (evaluation) and with gradient (a training step's forward + backward). The performance
+issues' bounds: ratio ≤ 3 for planar; ≤ 5 with gradient for Sylvester-O/H/T, K = 16, d = 64
+(``--family sylvester:kind=orthogonal --layers 16 --dim 64``). ``--unfused`` times the layer-by-layer
+path for comparison.
 
-Run: ``PYTHONPATH=src python benchmarks/inverse_cost.py [--batch 4096] [--unfused]``.
+Run: ``PYTHONPATH=src python benchmarks/inverse_cost.py [--family F] [--batch 4096] [--unfused]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -40,6 +44,7 @@ def median_time(fns: dict[str, Callable[[], object]], reps: int, target_s: float
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="planar:tanh", help="layer spec without the count (default planar:tanh)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--dim", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4096)
@@ -48,11 +53,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--unfused", action="store_true", help="layer-by-layer path (fused kernels off)")
+    parser.add_argument("--json", help="write the times and ratios to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    flow = fp.Flow(fp.StandardNormal(args.dim), [fp.Planar(args.dim, "tanh", layers=args.layers)]).to(dtype)
+    family, _, options = args.family.partition(":")
+    spec = f"{family}:{args.layers}" + (f":{options}" if options else "")
+    flow = fp.build_flow(spec, args.dim).to(dtype)
     for p in flow.parameters():  # a trained-looking flow: non-trivial weights
         p.data.add_(0.5 * torch.randn_like(p))
     with torch.no_grad():
@@ -84,11 +92,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
         out["grad_ratio"] = tg["log_prob"] / tg["rsample"]
     path = "layer-by-layer" if args.unfused else "fused"
-    print(f"planar-tanh K={args.layers} d={args.dim} batch={args.batch} {args.dtype} ({path}, {args.threads} threads)")
+    print(f"{spec} d={args.dim} batch={args.batch} {args.dtype} ({path}, {args.threads} threads)")
     print(f"  no grad:   log_prob {t['log_prob'] * 1e3:.2f} ms, rsample_and_log_prob {t['rsample'] * 1e3:.2f} ms, "
           f"ratio {out['no_grad_ratio']:.2f}")
     print(f"  with grad: log_prob {tg['log_prob'] * 1e3:.2f} ms, rsample_and_log_prob {tg['rsample'] * 1e3:.2f} ms, "
           f"ratio {out['grad_ratio']:.2f}")
+    out |= {"spec": spec, "dim": args.dim, "batch": args.batch, "dtype": args.dtype, "threads": args.threads,
+            "path": path, "repetitions": args.reps, "seconds_no_grad": t, "seconds_with_grad": tg,
+            "torch": torch.__version__}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 

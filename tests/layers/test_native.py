@@ -1,5 +1,8 @@
-"""The compiled planar and radial run kernels (layers/runs.cpp) equal the PyTorch kernels: values,
-log-dets and every gradient, float32 and float64, every activation with a compiled implementation."""
+"""The compiled planar and radial run kernels and Sylvester back-substitutions (layers/runs.cpp) equal
+the PyTorch kernels: values, log-dets and every gradient, float32 and float64, every activation with a
+compiled implementation."""
+
+import collections
 
 import pytest
 import torch
@@ -16,26 +19,26 @@ NATIVE = sorted(name for name, act in ACTIVATIONS.items() if act.native is not N
 
 @pytest.fixture(params=[16, 32], ids=["16-byte vectors", "AVX2"])
 def vector_bytes(request):
-    """Both vector widths of the planar kernels (AVX2 where the CPU has it)."""
-    default = MODULE.planar_vector_bytes(0)
-    if MODULE.planar_vector_bytes(request.param) != request.param:
+    """Both vector widths of the planar and Sylvester kernels (AVX2 where the CPU has it)."""
+    default = MODULE.vector_bytes(0)
+    if MODULE.vector_bytes(request.param) != request.param:
         pytest.skip("this CPU has no AVX2")
     yield request.param
-    MODULE.planar_vector_bytes(default)
+    MODULE.vector_bytes(default)
 
 
-def check(stack, points):
-    """Compiled = PyTorch kernels to 1e-12 in float64; in float32 the compiled kernels' errors against
+def check(stack, points, inverse=False, tol64=1e-12):
+    """Compiled = PyTorch kernels to ``tol64`` in float64; in float32 the compiled kernels' errors against
     the float64 result are those of the PyTorch kernels (at most 4× theirs, plus rounding).
 
     Errors are relative to each tensor's largest entry (at least 1): a parameter gradient is a sum over
     points whose terms can be hundreds of times its value, and the order of a float32 sum (64-lane blocks
     here, PyTorch's own there) moves it by a few ulp of the terms, not of the value."""
-    compiled, reference = both(stack, points)
+    compiled, reference = both(stack, points, inverse)
     if points.dtype == torch.float64:
-        assert_same(compiled, reference, 1e-12)
+        assert_same(compiled, reference, tol64)
         return
-    exact, _ = both(stack.double(), points.double())
+    exact, _ = both(stack.double(), points.double(), inverse)
     stack.float()
     tensors = [(r[0], r[1], *r[2]) for r in (compiled, reference, exact)]
     flat = [torch.cat([t.flatten() for t in ts]).double() for ts in tensors]
@@ -44,16 +47,35 @@ def check(stack, points):
     assert error_compiled <= 4 * error_torch + 1e-6, (float(error_compiled), float(error_torch))
 
 
-def both(stack, points):
-    """(compiled, PyTorch) outputs and gradients of a training-style call on ``points``."""
-    compiled = outputs_and_grads(stack, stack, points)
-    original = native._module
-    native._module, native._error = None, "hidden by the test"
-    try:
-        reference = outputs_and_grads(stack, stack, points)
-    finally:
-        native._module, native._error = original, None
+def both(stack, points, inverse=False):
+    """(compiled, PyTorch) outputs and gradients of a training-style call on ``points`` (of the inverse
+    with ``inverse``)."""
+    fn = stack.inverse if inverse else stack
+    compiled = outputs_and_grads(stack, fn, points)
+    with hidden_kernels():
+        reference = outputs_and_grads(stack, fn, points)
     return compiled, reference
+
+
+class hidden_kernels:  # noqa: N801 (a context manager used as a statement)
+    """Within it, flowprobe runs without the compiled kernels."""
+
+    def __enter__(self):
+        native._module, native._error = None, "hidden by the test"
+
+    def __exit__(self, *exc):
+        native._module, native._error = MODULE, None
+
+
+class CountingKernels:
+    """The compiled module, counting which of its kernels are called."""
+
+    def __init__(self):
+        self.calls = collections.Counter()
+
+    def __getattr__(self, name):
+        self.calls[name] += 1
+        return getattr(MODULE, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -83,6 +105,44 @@ def test_compiled_radial_run_equals_the_pytorch_run(dtype):
     perturb(stack, 0.5)
     points = torch.cat([stack.z0.detach()[:1], 2 * torch.randn(199, 4, dtype=dtype)])  # r = 0 at layer 0
     check(stack, points)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["orthogonal", "householder", "triangular"])
+def test_compiled_sylvester_inverse_equals_the_pytorch_inverse(kind, dtype, vector_bytes, monkeypatch):
+    """The compiled back-substitutions: the Newton inverse (values, log-dets, and the slopes of the implicit
+    step) and the Jacobian solve of its backward equal the PyTorch row loops, with and without autograd;
+    100 points: a full block of 64 and a padded one; 9 or 10 hidden rows: two chunks of the kernel's 8."""
+    torch.manual_seed(3)
+    stack = fp.Sylvester(10, hidden=10 if kind == "triangular" else 9, kind=kind, layers=4).to(dtype)
+    perturb(stack, 0.5)
+    with torch.no_grad():
+        x = stack(2 * torch.randn(100, 10, dtype=dtype))[0]
+    counting = CountingKernels()
+    monkeypatch.setattr(native, "_module", counting)
+    check(stack, x, inverse=True, tol64=1e-10)  # Newton steps and row updates in another order
+    assert counting.calls["sylvester_newton"] and counting.calls["sylvester_linear"]
+    with torch.no_grad():
+        compiled = stack.inverse(x)
+        with hidden_kernels():
+            reference = stack.inverse(x)
+    assert_same(compiled, reference, 1e-10 if dtype == torch.float64 else 2e-5)
+
+
+def test_compiled_sylvester_newton_flags_unconverged_roots_as_the_pytorch_check_does():
+    """Too few Newton steps for a large α: the kernel says so (and the inverse falls back), as
+    ``tanh_converged`` says of the same roots; with the tabulated budgets every root passes."""
+    torch.manual_seed(4)
+    m, n = 3, 70
+    r = torch.tensor([[3.0, 0.5, -0.2], [0.0, 2.0, 0.3], [0.0, 0.0, 4.0]], dtype=torch.float64)
+    r_tilde = torch.tensor([[5.0, 0.1, 0.4], [0.0, 4.0, -0.3], [0.0, 0.0, 3.0]], dtype=torch.float64)
+    alpha = r.diagonal() * r_tilde.diagonal()  # 15, 8, 12: the widest bins
+    c, b = 10 * torch.randn(m, n, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    tabulated = torch.tensor([fp.activations.TANH_NEWTON.budget(a, torch.float64) for a in alpha.tolist()])
+    for budgets, expected in ((torch.ones(m, dtype=torch.int64), False), (tabulated, True)):
+        logdet = torch.zeros(n, dtype=torch.float64)
+        _, converged = MODULE.sylvester_newton(c, r, r_tilde, b, alpha, budgets, logdet, None)
+        assert converged is expected
 
 
 def test_the_compiled_kernel_is_the_one_used_under_autograd():

@@ -1,5 +1,6 @@
 // Fused CPU kernels for shared-parameter planar and radial runs: the forward of all K layers and its
-// analytic backward in one call each (flowprobe/layers/native.py builds and loads this file).
+// analytic backward in one call each (flowprobe/layers/native.py builds and loads this file); and the
+// back-substitutions of a Sylvester layer's inverse and of its Jacobian's solve.
 //
 // Points are independent, so each call walks the K layers in parallel over points. The formulas are
 // those of the Python kernels (_PlanarRun, _RadialRun in planar.py / radial.py), which the tests
@@ -18,6 +19,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -90,6 +93,7 @@ at::Tensor reduce(const std::vector<T>& partial, int64_t threads, int64_t size, 
 // AVX2 and FMA (chosen at run time). 64 lanes give every step of a layer several independent vectors.
 constexpr int64_t LANES = 64;
 #define FLOWPROBE_INLINE inline __attribute__((always_inline))
+#define FLOWPROBE_INLINE_LAMBDA __attribute__((always_inline))  // a lambda is compiled for the target of its caller only when inlined
 
 template <typename T, int B> struct Vectors;
 template <int B> struct Vectors<float, B> {
@@ -358,7 +362,7 @@ struct PlanarBlocksAVX2 {
     planar_block_backward<T, 32>(r, act, m, block, g, lam, gu, gw, gb, ga);
   }
 };
-int vector_width = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 32 : 16;  // bytes; planar_vector_bytes() may lower it
+int vector_width = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 32 : 16;  // bytes; vector_bytes() may lower it
 int widest = vector_width;
 #else
 template <typename T> using PlanarBlocksAVX2 = PlanarBlocks<T>;
@@ -391,9 +395,10 @@ void scatter_block(const T* block, int64_t n, int64_t d, int64_t start, T* rows)
 
 }  // namespace
 
-// The vector width of the planar kernels in bytes: 32 (AVX2 and FMA) where the CPU has them, else 16. `bytes` = 16
-// or 32 sets it (at most what the CPU has; the tests run both); 0 leaves it. Returns the width in use.
-int64_t planar_vector_bytes(int64_t bytes) {
+// The vector width of the planar and Sylvester kernels in bytes: 32 (AVX2 and FMA) where the CPU has them,
+// else 16. `bytes` = 16 or 32 sets it (at most what the CPU has; the tests run both); 0 leaves it. Returns
+// the width in use.
+int64_t vector_bytes(int64_t bytes) {
   if (bytes == 16 || bytes == 32) vector_width = std::min<int>(static_cast<int>(bytes), widest);
   return vector_width;
 }
@@ -482,6 +487,213 @@ std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logde
     out = {grad_z, grad_u, grad_w, grad_b, grad_wu};
   });
   return out;
+}
+
+// Sylvester back-substitutions: one layer of a shared Sylvester run in the coordinates c = Q^T y, points in
+// columns of (m, N) arrays, rows solved from the bottom (flowprobe/layers/sylvester.py, _newton_inverse and
+// _solve_linearised, has the same formulas). Solving row i gives two rows a_i, b_i; every row j < i then
+// loses R_ji a_i from c_j and gains R~_ji b_i in gamma_j. Rows go in chunks of 8: inside a chunk each solved
+// row updates the chunk's rows above it, and a finished chunk updates every row above it in one pass (each
+// row read and written once per chunk, not once per solved row). Points go in blocks of LANES lanes,
+// copied into (m, LANES) scratch rows (padding lanes zero).
+template <typename T, int B, typename Solve>
+FLOWPROBE_INLINE void back_substitute(int64_t m, const T* r, const T* r_tilde, T* c, T* gamma, T* a, T* b,
+                                      const Solve& solve) {
+  using Lanes = Block<T, B>;
+  constexpr int64_t CHUNK = 8;
+  for (int64_t hi = m; hi > 0; hi -= CHUNK) {
+    const int64_t lo = std::max<int64_t>(hi - CHUNK, 0);
+    for (int64_t i = hi - 1; i >= lo; --i) {
+      solve(i);  // reads c_i, gamma_i; writes a_i, b_i
+      const Lanes ai = Lanes::from(a + i * LANES), bi = Lanes::from(b + i * LANES);
+      for (int64_t j = lo; j < i; ++j) {
+        (Lanes::from(c + j * LANES) - r[j * m + i] * ai).to(c + j * LANES);
+        (Lanes::from(gamma + j * LANES) + r_tilde[j * m + i] * bi).to(gamma + j * LANES);
+      }
+    }
+    for (int64_t j = 0; j < lo; ++j) {
+      Lanes cj = Lanes::from(c + j * LANES);
+      for (int64_t i = lo; i < hi; ++i) cj = cj - r[j * m + i] * Lanes::from(a + i * LANES);
+      cj.to(c + j * LANES);
+      Lanes gj = Lanes::from(gamma + j * LANES);
+      for (int64_t i = lo; i < hi; ++i) gj = gj + r_tilde[j * m + i] * Lanes::from(b + i * LANES);
+      gj.to(gamma + j * LANES);
+    }
+  }
+}
+
+// Copies lanes [start, start + LANES) of the m rows of an (m, N) array into (m, LANES) scratch, and back.
+template <typename T>
+void gather_rows(const T* rows, int64_t m, int64_t n, int64_t start, T* block) {
+  const int64_t count = std::min(LANES, n - start);
+  for (int64_t i = 0; i < m; ++i) {
+    std::copy(rows + i * n + start, rows + i * n + start + count, block + i * LANES);
+    std::fill(block + i * LANES + count, block + (i + 1) * LANES, T(0));
+  }
+}
+
+template <typename T>
+void scatter_rows(const T* block, int64_t m, int64_t n, int64_t start, T* rows) {
+  const int64_t count = std::min(LANES, n - start);
+  for (int64_t i = 0; i < m; ++i) std::copy(block + i * LANES, block + i * LANES + count, rows + i * n + start);
+}
+
+// One block of the tanh inverse: row i solves s + a_i tanh(s) = gamma_i + R~_ii c_i with budgets_i Newton
+// steps from the clamp start (activations.py, tanh_newton), then v_i = c_i - R_ii tanh(s) (a_i = tanh(s)
+// into h, b_i = v_i). Writes v and the slopes 1 - tanh(s)^2 into scratch rows; adds each lane's forward
+// log-det terms log(1 + a_i (1 - tanh(s)^2)) to `logdet` and counts in `fails` the roots that fail
+// activations.py's tanh_converged (C d^2 <= 2 eps (1 + |s|) after a last step d, C = 0.385 |a| / min(1, 1 + a)).
+template <typename T, int B>
+FLOWPROBE_INLINE void sylvester_block_newton(int64_t m, const T* r, const T* r_tilde, const T* alpha,
+                                             const int64_t* budgets, T* c, T* gamma, T* h, T* v, T* slope, T* logdet,
+                                             T* fails) {
+  using Lanes = Block<T, B>;
+  using V = typename Lanes::V;
+  using I = typename Lanes::I;
+  constexpr T tanh_curvature = T(0.385), tolerance = 2 * std::numeric_limits<T>::epsilon();
+  Lanes ld = Lanes::fill(0), failed = Lanes::fill(0);
+  back_substitute<T, B>(m, r, r_tilde, c, gamma, h, v, [&](int64_t i) FLOWPROBE_INLINE_LAMBDA {
+    const T a = alpha[i], bound = 1 + a, shrink = a / bound, curvature = tanh_curvature * std::abs(a) / std::min<T>(1, bound);
+    const int64_t steps = std::max<int64_t>(budgets[i], 1);
+    const Lanes ci = Lanes::from(c + i * LANES), target = Lanes::from(gamma + i * LANES) + r_tilde[i * m + i] * ci;
+    Lanes s, step, th;
+    for (int64_t q = 0; q < Lanes::Q; ++q) {
+      const V t = target.v[q], clamped = t < -bound ? V{} - bound : (t > bound ? V{} + bound : t);
+      s.v[q] = t - shrink * clamped;
+    }
+    for (int64_t k = 0; k < steps; ++k) {  // a step over all Q vectors at once: Q independent chains in flight
+      for (int64_t q = 0; q < Lanes::Q; ++q) th.v[q] = tanh_vec<V, I>(s.v[q]);
+      step = (s + a * th - target) / (bound - a * (th * th));  // residual / (1 + a (1 - tanh^2))
+      s = s - step;
+    }
+    for (int64_t q = 0; q < Lanes::Q; ++q) {
+      th.v[q] = tanh_vec<V, I>(s.v[q]);
+      const V magnitude = s.v[q] < 0 ? -s.v[q] : s.v[q];
+      const I converged = curvature * (step.v[q] * step.v[q]) <= (1 + magnitude) * tolerance;  // false for NaN
+      failed.v[q] += converged ? V{} : V{} + 1;
+    }
+    const Lanes si = T(1) - th * th;
+    ld = ld + (a * si).map([](V x) FLOWPROBE_INLINE_LAMBDA { return log1p_vec<V, I>(x); });
+    si.to(slope + i * LANES);
+    th.to(h + i * LANES);
+    (ci - r[i * m + i] * th).to(v + i * LANES);
+  });
+  (Lanes::from(logdet) + ld).to(logdet);
+  (Lanes::from(fails) + failed).to(fails);
+}
+
+// One block of (I + R diag(s) R~) y = w: y_i = (c_i - R_ii s_i gamma_i) / (1 + R_ii R~_ii s_i) (b_i = y_i) and
+// a_i = s_i (gamma_i + R~_ii y_i) into `scaled`. c holds w on entry.
+template <typename T, int B>
+FLOWPROBE_INLINE void sylvester_block_linear(int64_t m, const T* r, const T* r_tilde, const T* slopes, T* c, T* gamma,
+                                             T* scaled, T* y) {
+  using Lanes = Block<T, B>;
+  back_substitute<T, B>(m, r, r_tilde, c, gamma, scaled, y, [&](int64_t i) FLOWPROBE_INLINE_LAMBDA {
+    const T r_ii = r[i * m + i], rt_ii = r_tilde[i * m + i];
+    const Lanes si = Lanes::from(slopes + i * LANES), gain = r_ii * si, gi = Lanes::from(gamma + i * LANES);
+    const Lanes yi = (Lanes::from(c + i * LANES) - gain * gi) / (T(1) + rt_ii * gain);
+    yi.to(y + i * LANES);
+    ((gi + rt_ii * yi) * si).to(scaled + i * LANES);
+  });
+}
+
+template <typename T>
+struct SylvesterBlocks {
+  static void newton(int64_t m, const T* r, const T* rt, const T* alpha, const int64_t* budgets, T* c, T* gamma, T* h,
+                     T* v, T* slope, T* logdet, T* fails) {
+    sylvester_block_newton<T, 16>(m, r, rt, alpha, budgets, c, gamma, h, v, slope, logdet, fails);
+  }
+  static void linear(int64_t m, const T* r, const T* rt, const T* slopes, T* c, T* gamma, T* scaled, T* y) {
+    sylvester_block_linear<T, 16>(m, r, rt, slopes, c, gamma, scaled, y);
+  }
+};
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+template <typename T>
+struct SylvesterBlocksAVX2 {
+  __attribute__((target("avx2,fma"))) static void newton(int64_t m, const T* r, const T* rt, const T* alpha,
+                                                           const int64_t* budgets, T* c, T* gamma, T* h, T* v,
+                                                           T* slope, T* logdet, T* fails) {
+    sylvester_block_newton<T, 32>(m, r, rt, alpha, budgets, c, gamma, h, v, slope, logdet, fails);
+  }
+  __attribute__((target("avx2,fma"))) static void linear(int64_t m, const T* r, const T* rt, const T* slopes, T* c,
+                                                           T* gamma, T* scaled, T* y) {
+    sylvester_block_linear<T, 32>(m, r, rt, slopes, c, gamma, scaled, y);
+  }
+};
+#else
+template <typename T> using SylvesterBlocksAVX2 = SylvesterBlocks<T>;
+#endif
+
+// The tanh inverse of one layer of a shared Sylvester run: c = Q^T y (m, N), b, alpha = diag(R) diag(R~) (m),
+// Newton budgets (m). Adds the layer's forward log-det to `logdet` (N), writes h'(pre) into `slopes` (m, N)
+// when given, and returns v = Q^T z (m, N) and whether every root passed the convergence check.
+std::tuple<at::Tensor, bool> sylvester_newton(at::Tensor c, at::Tensor r, at::Tensor r_tilde, at::Tensor b,
+                                              at::Tensor alpha, at::Tensor budgets, at::Tensor logdet,
+                                              std::optional<at::Tensor> slopes) {
+  c = c.contiguous(); r = r.contiguous(); r_tilde = r_tilde.contiguous(); b = b.contiguous();
+  alpha = alpha.contiguous(); budgets = budgets.to(at::kLong).contiguous();
+  const int64_t m = c.size(0), n = c.size(1), blocks = (n + LANES - 1) / LANES;
+  TORCH_CHECK(logdet.is_contiguous() && logdet.dim() == 1 && logdet.size(0) == n, "sylvester_newton: logdet must be (N,)");
+  TORCH_CHECK(!slopes || (slopes->is_contiguous() && slopes->sizes() == c.sizes()),
+              "sylvester_newton: slopes must be contiguous and shaped like c");
+  auto v = at::empty_like(c);
+  int64_t failures = 0;
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "sylvester_newton", [&] {
+    const auto run = vector_width == 32 ? SylvesterBlocksAVX2<scalar_t>::newton : SylvesterBlocks<scalar_t>::newton;
+    const scalar_t *rp = r.data_ptr<scalar_t>(), *rtp = r_tilde.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>(),
+                   *bp = b.data_ptr<scalar_t>(), *ap = alpha.data_ptr<scalar_t>();
+    const int64_t* steps = budgets.data_ptr<int64_t>();
+    scalar_t *vp = v.data_ptr<scalar_t>(), *lp = logdet.data_ptr<scalar_t>();
+    scalar_t* sp = slopes ? slopes->data_ptr<scalar_t>() : nullptr;
+    std::vector<int64_t> failed(blocks, 0);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(5 * m * LANES + 2 * LANES);
+      scalar_t *cb = scratch.data(), *gb = cb + m * LANES, *hb = gb + m * LANES, *vb = hb + m * LANES,
+               *sb = vb + m * LANES, *ldb = sb + m * LANES, *fb = ldb + LANES;
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t start = block * LANES, count = std::min(LANES, n - start);
+        gather_rows(cp, m, n, start, cb);
+        for (int64_t i = 0; i < m; ++i) std::fill(gb + i * LANES, gb + (i + 1) * LANES, bp[i]);
+        std::fill(ldb, ldb + 2 * LANES, scalar_t(0));
+        run(m, rp, rtp, ap, steps, cb, gb, hb, vb, sb, ldb, fb);
+        scatter_rows(vb, m, n, start, vp);
+        if (sp != nullptr) scatter_rows(sb, m, n, start, sp);
+        for (int64_t i = 0; i < count; ++i) {  // padding lanes neither add nor fail
+          lp[start + i] += ldb[i];
+          failed[block] += fb[i] != 0;
+        }
+      }
+    });
+    for (const int64_t f : failed) failures += f;
+  });
+  return {v, failures == 0};
+}
+
+// (I + R diag(s) R~) y = w for every column of w (m, N), slopes s (m, N); R, R~ (m, m) upper triangular.
+at::Tensor sylvester_linear(at::Tensor w, at::Tensor r, at::Tensor r_tilde, at::Tensor slopes) {
+  w = w.contiguous(); r = r.contiguous(); r_tilde = r_tilde.contiguous(); slopes = slopes.contiguous();
+  const int64_t m = w.size(0), n = w.size(1), blocks = (n + LANES - 1) / LANES;
+  auto y = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "sylvester_linear", [&] {
+    const auto run = vector_width == 32 ? SylvesterBlocksAVX2<scalar_t>::linear : SylvesterBlocks<scalar_t>::linear;
+    const scalar_t *rp = r.data_ptr<scalar_t>(), *rtp = r_tilde.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>(),
+                   *sp = slopes.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(5 * m * LANES);
+      scalar_t *cb = scratch.data(), *gb = cb + m * LANES, *sb = gb + m * LANES, *ab = sb + m * LANES,
+               *yb = ab + m * LANES;
+      for (int64_t block = begin; block < end; ++block) {
+        gather_rows(wp, m, n, block * LANES, cb);
+        gather_rows(sp, m, n, block * LANES, sb);
+        std::fill(gb, gb + m * LANES, scalar_t(0));
+        run(m, rp, rtp, sb, cb, gb, ab, yb);
+        scatter_rows(yb, m, n, block * LANES, yp);
+      }
+    });
+  });
+  return y;
 }
 
 // Radial run x <- x + beta_k h (x - z0_k), h = 1/(alpha_k + |x - z0_k|).
@@ -576,7 +788,9 @@ std::vector<at::Tensor> radial_backward(at::Tensor grad_x, at::Tensor grad_logde
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("planar_forward", &planar_forward, "planar run, forward");
   m.def("planar_backward", &planar_backward, "planar run, backward");
-  m.def("planar_vector_bytes", &planar_vector_bytes, "vector width of the planar kernels (bytes)");
+  m.def("vector_bytes", &vector_bytes, "vector width of the planar and Sylvester kernels (bytes)");
+  m.def("sylvester_newton", &sylvester_newton, "tanh Sylvester layer inverse, back-substitution");
+  m.def("sylvester_linear", &sylvester_linear, "Sylvester layer Jacobian solve, back-substitution");
   m.def("radial_forward", &radial_forward, "radial run, forward");
   m.def("radial_backward", &radial_backward, "radial run, backward");
 }

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from flowprobe.activations import Activation, get_activation
+from flowprobe.activations import TANH_NEWTON, Activation, get_activation
+from flowprobe.layers import native
 from flowprobe.layers.base import FlowLayer, InverseNotAvailable, Invertibility, uses_fused_kernels
 from flowprobe.layers.householder import _check_reflections, householder_matrix
 from flowprobe.layers.planar import DEFAULT_MIN_SLOPE, check_min_slope
@@ -223,19 +225,25 @@ class Sylvester(FlowLayer):
 
     def inverse_run(self, x: Tensor, p: SylvesterParams) -> tuple[Tensor, Tensor]:
         """The run's inverse. Shared parameters, without autograd: :func:`_newton_inverse` when the
-        activation has fixed Newton budgets. With autograd: the root without it, then one implicit
-        step over the whole run, ``z = z* − J⁻¹ (f(z*) − x)`` (:class:`_InverseJacobian`; value
-        ``z*``, derivatives those of the implicit function theorem), and the log-det of the
+        activation has fixed Newton budgets. With autograd: the root ``z*`` without it (exact to
+        rounding: Newton's convergence is checked), then ``z = z* − G(f(z*) − x)`` where ``G``
+        (:class:`_InverseJacobian`) has the value 0 and the derivative ``J⁻¹`` of the run at ``z*``: the
+        value ``z*``, the derivatives those of the implicit function theorem; and the log-det of the
         forward at ``z``. Batched parameters: layer by layer (:meth:`invert`)."""
         if not uses_fused_kernels(x, p.b.dim() == 2):
             return super().inverse_run(x, p)
         if not needs_grad(x, p):
             solved = _newton_inverse(x, p, self.act) if self.act.newton is not None else None
-            return super().inverse_run(x, p) if solved is None else solved
+            return super().inverse_run(x, p) if solved is None else solved[:2]
         with torch.no_grad():
             fixed = SylvesterParams(*(t.detach() for t in p))
-            root, _ = self.inverse_run(x.detach(), fixed)
-            slopes = self._slopes_along(root, fixed)
+            newton = self.act.newton is not None
+            solved = _newton_inverse(x.detach(), fixed, self.act, with_slopes=True) if newton else None
+            if solved is None:
+                root = super().inverse_run(x.detach(), fixed)[0]
+                slopes = self._slopes_along(root, fixed)
+            else:  # the Newton solve gives the slopes without another forward
+                root, _, slopes = solved
         image, _ = self.forward_run(root, p)
         z = root - _InverseJacobian.apply(image - x, fixed.q, fixed.r, fixed.r_tilde, slopes)
         return z, -self.forward_run(z, p)[1]
@@ -278,7 +286,9 @@ def _log_slopes(act: Activation, pre: Tensor, h: Tensor, diag: Tensor) -> Tensor
     return torch.log(torch.addcmul(torch.ones_like(diag), slope, diag)).sum(-1)  # log: vectorised, log1p is not
 
 
-def _newton_inverse(x: Tensor, p: SylvesterParams, act: Activation) -> tuple[Tensor, Tensor] | None:
+def _newton_inverse(
+    x: Tensor, p: SylvesterParams, act: Activation, with_slopes: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """Invert a shared run without autograd by blocked back-substitution with the activation's fixed budgets.
 
     Layer ``k`` at ``y``: with ``c = Qᵀy`` and ``v = Qᵀz``, ``c = v + R h(R̃v + b)``; for
@@ -288,12 +298,16 @@ def _newton_inverse(x: Tensor, p: SylvesterParams, act: Activation) -> tuple[Ten
     live in rows of ``(m, N)`` buffers. Rows are solved in blocks of :data:`BLOCK` from the bottom:
     inside a block each solved row updates the rows above it in the block (rank-1), and a finished
     block updates every row above it with two matrix products — the memory traffic of the updates
-    falls by the block size.
+    falls by the block size. With the compiled kernels (CPU, tanh): :func:`_compiled_newton_inverse`.
 
     Returns:
-        ``(z, log|det ∂z/∂x|)``, or ``None`` when the one convergence check of the run fails.
+        ``(z, log|det ∂z/∂x|, slopes)``, ``slopes`` every layer's ``h'`` at the root ``(K, m, N)`` when
+        ``with_slopes`` (else ``None``); or ``None`` when the convergence check of the run fails.
     """
     kernel = act.newton
+    module = native.usable(x) if kernel is TANH_NEWTON else None  # the compiled solver is tanh's
+    if module is not None:
+        return _compiled_newton_inverse(module, x, p, with_slopes)
     k, m, n = p.r.shape[0], p.r.shape[-1], x.shape[0]
     r_diag, rt_diag = torch.diagonal(p.r, dim1=-2, dim2=-1), torch.diagonal(p.r_tilde, dim1=-2, dim2=-1)
     alpha = r_diag * rt_diag
@@ -327,7 +341,30 @@ def _newton_inverse(x: Tensor, p: SylvesterParams, act: Activation) -> tuple[Ten
         z = torch.addmm(outside, v.t(), q.t())
     if not bool(kernel.converged(alpha.unsqueeze(-1), last, pre)):
         return None
-    return z, -log_slopes(pre.flatten(0, 1), alpha.flatten(), act)
+    return z, -log_slopes(pre.flatten(0, 1), alpha.flatten(), act), act.derivative(pre) if with_slopes else None
+
+
+def _compiled_newton_inverse(
+    module: ModuleType, x: Tensor, p: SylvesterParams, with_slopes: bool
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """:func:`_newton_inverse` for tanh with one compiled call per layer (``runs.cpp``): the same steps
+    point by point, points in SIMD lanes, the log-det and the convergence check in the same pass."""
+    k, m, n = p.r.shape[0], p.r.shape[-1], x.shape[0]
+    alpha = torch.diagonal(p.r, dim1=-2, dim2=-1) * torch.diagonal(p.r_tilde, dim1=-2, dim2=-1)
+    budgets = torch.tensor([[TANH_NEWTON.budget(a, x.dtype) for a in row] for row in alpha.tolist()], device=x.device)
+    logdet = x.new_zeros(n)
+    slopes = x.new_empty(k, m, n) if with_slopes else None
+    z = x
+    for layer in range(k - 1, -1, -1):
+        q = p.q[layer]
+        coords = z @ q
+        outside = torch.addmm(z, coords, q.t(), alpha=-1)
+        v, converged = module.sylvester_newton(coords.t(), p.r[layer], p.r_tilde[layer], p.b[layer], alpha[layer],
+                                               budgets[layer], logdet, None if slopes is None else slopes[layer])
+        if not converged:
+            return None
+        z = torch.addmm(outside, v.t(), q.t())
+    return z, -logdet, slopes
 
 
 def _solve_linearised(w: Tensor, r: Tensor, r_tilde: Tensor, slopes: Tensor) -> Tensor:
@@ -338,8 +375,11 @@ def _solve_linearised(w: Tensor, r: Tensor, r_tilde: Tensor, slopes: Tensor) -> 
     ``i`` reads ``y_i + Σ_{j≥i} R_ij s_j σ_j = w_i``; ``γ_i = Σ_{k>i} R̃_ik y_k`` and
     ``c_i = w_i − Σ_{j>i} R_ij s_j σ_j`` are known when row ``i`` is reached, so
     ``y_i = (c_i − R_ii s_i γ_i) / (1 + R_ii R̃_ii s_i)`` (a positive denominator by the layer's
-    constraint).
+    constraint). With the compiled kernels (CPU), one call (``runs.cpp``, the same steps point by point).
     """
+    module = native.usable(w)
+    if module is not None:
+        return module.sylvester_linear(w, r, r_tilde, slopes)
     m = w.shape[0]
     c, gamma = w.clone(), torch.zeros_like(w)
     y, scaled = torch.empty_like(w), torch.empty_like(w)
@@ -364,20 +404,18 @@ def _solve_linearised(w: Tensor, r: Tensor, r_tilde: Tensor, slopes: Tensor) -> 
 
 
 class _InverseJacobian(torch.autograd.Function):
-    """``v ↦ J⁻¹ v`` for a shared run's Jacobian ``J = J_K ⋯ J_1`` at fixed coefficients; the
-    backward applies ``J⁻ᵀ``. Layer ``k``: ``J_k = I + Q R D R̃ Qᵀ`` (``D = diag h'(pre)``), so
-    ``J_k⁻¹ v = v + Q (y − w)`` with ``w = Qᵀv`` and ``(I + R D R̃) y = w``
-    (:func:`_solve_linearised`); ``J_k⁻ᵀ`` solves the lower-triangular ``(I + R̃ᵀ D Rᵀ) y = w``,
-    upper triangular once the coordinates are taken in reverse order."""
+    """The implicit step's correction ``G(v)``: value 0, derivative ``J⁻¹`` for a shared run's Jacobian
+    ``J = J_K ⋯ J_1`` at fixed coefficients (the backward applies ``J⁻ᵀ``). Its argument
+    ``v = f(z*) − x`` is rounding at a root exact to rounding, so the Newton correction ``J⁻¹ v`` would
+    move ``z*`` by rounding only; it is not computed. Layer ``k``: ``J_k = I + Q R D R̃ Qᵀ``
+    (``D = diag h'(pre)``), so ``J_k⁻ᵀ u = u + Q (y − w)`` with ``w = Qᵀu`` and the lower-triangular
+    ``(I + R̃ᵀ D Rᵀ) y = w``, upper triangular once the coordinates are taken in reverse order
+    (:func:`_solve_linearised`)."""
 
     @staticmethod
     def forward(ctx: Any, v: Tensor, q: Tensor, r: Tensor, r_tilde: Tensor, slopes: Tensor) -> Tensor:
         ctx.save_for_backward(q, r, r_tilde, slopes)
-        for k in range(q.shape[0] - 1, -1, -1):
-            w = (v @ q[k]).t()
-            y = _solve_linearised(w, r[k], r_tilde[k], slopes[k])
-            v = torch.addmm(v, (y - w).t(), q[k].t())
-        return v
+        return torch.zeros_like(v)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
