@@ -629,18 +629,17 @@ class _Loop:
             losses = self.losses(config.batch_size, self.generators)
             losses.sum().backward()
             values = losses.tolist()
-            for m in range(self.members):
-                if self.active[m] and not math.isfinite(values[m]):
-                    self._fail(m, f"loss {values[m]}")
+            for m in [m for m, a in enumerate(self.active) if a and not math.isfinite(values[m])]:
+                self._fail(m, f"loss {values[m]}")
             grad_norms = self._clip(self.active)
-            for m in range(self.members):
-                if self.active[m] and not math.isfinite(grad_norms[m]):
-                    self._fail(m, f"gradient norm {grad_norms[m]}")
-            if not any(self.active):
+            for m in [m for m, a in enumerate(self.active) if a and not math.isfinite(grad_norms[m])]:
+                self._fail(m, f"gradient norm {grad_norms[m]}")
+            active = self.active  # (a property: evaluated once per step from here on)
+            if not any(active):
                 break
             self.opt.step()
             self.step += 1
-            self.interval_loss = [s + v if a else s for s, v, a in zip(self.interval_loss, values, self.active)]
+            self.interval_loss = [s + v if a else s for s, v, a in zip(self.interval_loss, values, active)]
             self.interval_count += 1
             stops = self._record(grad_norms, started) if self.step % config.log_every == 0 else [False] * self.members
             for h, stop in zip(self.histories, stops, strict=True):

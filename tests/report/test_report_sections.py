@@ -137,3 +137,25 @@ def test_vae_section(tiny_report):
     assert comparison["posterior"] == "planar16" and comparison["against"] == "vae"
     assert comparison["nll_difference"] == pytest.approx(table[1]["nll"] - table[0]["nll"], abs=1e-9)
     assert comparison["z"] == pytest.approx(comparison["nll_difference"] / comparison["se"])
+
+
+@pytest.mark.parametrize(("converged", "z_flows", "z_sylvester", "expected"), [
+    (False, (-5.0, -3.0), 1.0, "holds"),  # every flow significantly better at the budget
+    (False, (-5.0, -1.0), -1.0, "inconclusive"),  # better, not significantly: the budget decides nothing
+    (False, (-5.0, 3.0), -1.0, "inconclusive"),  # worse, but training was cut short: no contradiction
+    (False, (-5.0, -3.0), 2.5, "inconclusive"),
+    (True, (-5.0, -3.0), 1.0, "holds"),  # a Sylvester tie with planar is "at least as good"
+    (True, (-5.0, 0.5), -1.0, "inconclusive"),  # a converged flow not below the VAE, not significantly worse
+    (True, (-5.0, 2.5), -1.0, "fails"),
+    (True, (-5.0, -3.0), 2.5, "fails"),
+])
+def test_vae_verdict_separates_noise_budget_and_contradiction(converged, z_flows, z_sylvester, expected):
+    from flowprobe.report.core import verdict
+    from flowprobe.report.sections.vae import _checks
+
+    rows = [{"posterior": p, "stopped_early": [converged]} for p in ("vae", "planar16", "o-snf")]
+    comparisons = [{"posterior": p, "against": "vae", "z": z, "nll_difference": 0.1 * z}
+                   for p, z in zip(("planar16", "o-snf"), z_flows, strict=True)]
+    comparisons.append({"posterior": "o-snf", "against": "planar16", "z": z_sylvester,
+                        "nll_difference": 0.1 * z_sylvester})
+    assert verdict(_checks(rows, comparisons, 2.0)) == expected

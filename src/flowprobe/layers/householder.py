@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from flowprobe.layers.base import FlowLayer, Invertibility, inner, uses_fused_kernels
+from flowprobe.layers import native
+from flowprobe.layers.base import FlowLayer, Invertibility, fused_kernels_allowed, inner, uses_fused_kernels
 from flowprobe.layers.registry import Option, register
 
 __all__ = ["Householder", "householder_matrix", "reflect", "reflect_all"]
@@ -18,18 +20,22 @@ def reflect(z: Tensor, v: Tensor) -> Tensor:
     return _reflect_unit(z, _unit_vectors(v))
 
 
-def _rescaled(v: Tensor) -> Tensor:
-    """``v / max_i |v_i|`` along the last dimension (``v = 0`` stays 0)."""
-    scale = v.abs().amax(-1, keepdim=True)
-    return v / torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
 def _unit_vectors(v: Tensor) -> Tensor:
     """``v/‖v‖`` along the last dimension (``v = 0`` stays 0). ``v`` is rescaled by its largest entry
     first, so that ``‖v‖²`` neither underflows (``v ~ 1e-155`` would otherwise give a matrix that is no
     reflection) nor overflows."""
-    v = _rescaled(v)
-    return v * torch.rsqrt(inner(v, v).clamp_min(torch.finfo(v.dtype).tiny)).unsqueeze(-1)
+    return _normalised(v)[0]
+
+
+def _normalised(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_unit_vectors`' ``u = (v/s) r`` with its factors: the scale ``s`` (the largest entry, 1 for
+    ``v = 0``) and ``r = 1/‖v/s‖``, each ``(..., 1)``; then ``∂u/∂v = r (I − u uᵀ)/s`` (autograd's gradient of
+    :func:`_unit_vectors`, to rounding, ``v = 0`` included)."""
+    scale = v.abs().amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    w = v / scale
+    inverse_norm = torch.rsqrt(inner(w, w).clamp_min(torch.finfo(v.dtype).tiny)).unsqueeze(-1)
+    return w * inverse_norm, scale, inverse_norm
 
 
 def _reflect_unit(z: Tensor, u: Tensor) -> Tensor:
@@ -69,46 +75,72 @@ def reflect_all(z: Tensor, v: Tensor) -> Tensor:
     reflection is one fused update ``z ← z − 2 (zᵀû) û``. ``z`` is ``(..., d)``, its leading
     dimensions broadcasting against ``v``'s.
 
-    With autograd, one vector set per point (``z.shape[:-1] == v.shape[:-2]``) and the fused kernels
-    on, the reflections run as :class:`_Reflections` (analytic backward, about half the operations).
+    With one vector set per point (``z.shape[:-1] == v.shape[:-2]``) and the fused kernels on, the
+    normalisation and the reflections run as :class:`_Reflections` (analytic backward) under autograd,
+    and on the CPU as one compiled call each way (``runs.cpp``), with or without autograd.
     """
-    unit = _unit_vectors(v)
-    # uses_fused_kernels' "shared" gate: here, the per-point layout that _Reflections' backward assumes
-    if torch.is_grad_enabled() and uses_fused_kernels(z, z.shape[:-1] == unit.shape[:-2]):
-        return _Reflections.apply(z, unit)
-    for u in unit.unbind(-2):
+    if z.shape[:-1] == v.shape[:-2] and fused_kernels_allowed():  # the layout _Reflections assumes
+        if torch.is_grad_enabled():
+            return _Reflections.apply(z, v)
+        module = native.usable(z)
+        if module is not None:
+            return _compiled_reflections(module, z, _unit_vectors(v))[0]
+    for u in _unit_vectors(v).unbind(-2):
         z = _reflect_unit(z, u)
     return z
 
 
 class _Reflections(torch.autograd.Function):
-    """``y_t = H_t y_{t−1} = y_{t−1} − 2 (y_{t−1}ᵀu_t) u_t``, ``t = 1 … m``, for unit vectors ``u``
-    ``(N, m, d)`` and points ``y_0 = z`` ``(N, d)``, with an analytic backward.
+    """``y_t = H_t y_{t−1} = y_{t−1} − 2 (y_{t−1}ᵀu_t) u_t``, ``t = 1 … m``, for the unit vectors ``u_t``
+    of ``v`` ``(N, m, d)`` (:func:`_normalised`) and points ``y_0 = z`` ``(N, d)``, with an analytic backward.
 
     Backward (``g`` = ∂L/∂y_t, going down from ``t = m``; ``H_t`` is symmetric):
-    ``∂L/∂u_t = −2 ((gᵀu_t) y_{t−1} + (y_{t−1}ᵀu_t) g)``, then ``g ← H_t g``. The forward keeps every
-    reflection's input; the ``u`` gradients are formed at once from the stacked inputs and ``g``'s.
+    ``∂L/∂u_t = −2 ((gᵀu_t) y_{t−1} + (y_{t−1}ᵀu_t) g)``, then ``g ← H_t g``; and
+    ``∂L/∂v_t = r (∂L/∂u_t − (uᵀ∂L/∂u_t) u)/s``. The forward keeps every reflection's input; the ``u``
+    gradients are formed at once from the stacked inputs and ``g``'s. On the CPU, the reflections forward
+    and backward are one compiled call each (``runs.cpp``, the same formulas point by point).
     """
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, unit: Tensor) -> Tensor:
-        inputs = []
-        for u in unit.unbind(-2):
-            inputs.append(z)
-            z = _reflect_unit(z, u)
-        ctx.save_for_backward(unit, torch.stack(inputs, -2))
+    def forward(ctx: Any, z: Tensor, v: Tensor) -> Tensor:
+        unit, scale, inverse_norm = _normalised(v)
+        ctx.module = native.usable(z)
+        if ctx.module is not None:
+            z, stacked = _compiled_reflections(ctx.module, z, unit)
+        else:
+            inputs = []
+            for u in unit.unbind(-2):
+                inputs.append(z)
+                z = _reflect_unit(z, u)
+            stacked = torch.stack(inputs, -2)
+        ctx.save_for_backward(unit, stacked, scale, inverse_norm)
         return z
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
-        unit, inputs = ctx.saved_tensors
-        grads = []
-        for u in reversed(unit.unbind(-2)):
-            grads.append(grad)
-            grad = _reflect_unit(grad, u)
-        outs = torch.stack(grads[::-1], -2)  # ∂L/∂y_t for t = 1 … m
-        grad_unit = -2 * (inner(outs, unit).unsqueeze(-1) * inputs + inner(inputs, unit).unsqueeze(-1) * outs)
-        return grad, grad_unit
+        unit, inputs, scale, inverse_norm = ctx.saved_tensors
+        if ctx.module is not None:
+            m, d = unit.shape[-2:]
+            grad_z, grad_unit = ctx.module.reflections_backward(grad.reshape(-1, d), unit.reshape(-1, m, d),
+                                                                inputs.reshape(-1, m, d))
+            grad_z, grad_unit = grad_z.view(grad.shape), grad_unit.view(unit.shape)
+        else:
+            grads = []
+            for u in reversed(unit.unbind(-2)):
+                grads.append(grad)
+                grad = _reflect_unit(grad, u)
+            outs = torch.stack(grads[::-1], -2)  # ∂L/∂y_t for t = 1 … m
+            grad_z = grad
+            grad_unit = -2 * (inner(outs, unit).unsqueeze(-1) * inputs + inner(inputs, unit).unsqueeze(-1) * outs)
+        tangent = torch.addcmul(grad_unit, inner(grad_unit, unit).unsqueeze(-1), unit, value=-1)
+        return grad_z, tangent.mul_(inverse_norm).div_(scale)
+
+
+def _compiled_reflections(module: ModuleType, z: Tensor, unit: Tensor) -> tuple[Tensor, Tensor]:
+    """The compiled per-point reflections (``runs.cpp``) on any leading dimensions: ``(y, every input)``."""
+    m, d = unit.shape[-2:]
+    y, inputs = module.reflections_forward(z.reshape(-1, d), unit.reshape(-1, m, d))
+    return y.view(z.shape), inputs.view(unit.shape)
 
 
 def _check_reflections(reflections: int) -> int:

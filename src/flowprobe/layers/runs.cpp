@@ -1,6 +1,7 @@
 // Fused CPU kernels for shared-parameter planar and radial runs: the forward of all K layers and its
-// analytic backward in one call each (flowprobe/layers/native.py builds and loads this file); and the
-// back-substitutions of a Sylvester layer's inverse and of its Jacobian's solve.
+// analytic backward in one call each (flowprobe/layers/native.py builds and loads this file); the
+// back-substitutions of a Sylvester layer's inverse and of its Jacobian's solve; and per-point Householder
+// reflections, forward and backward.
 //
 // Points are independent, so each call walks the K layers in parallel over points. The formulas are
 // those of the Python kernels (_PlanarRun, _RadialRun in planar.py / radial.py), which the tests
@@ -696,6 +697,65 @@ at::Tensor sylvester_linear(at::Tensor w, at::Tensor r, at::Tensor r_tilde, at::
   return y;
 }
 
+// Householder reflections with per-point unit vectors (layers/householder.py, _Reflections): points z (N,d),
+// unit vectors (N,m,d); y_t = y_{t-1} - 2 (y_{t-1}.u_t) u_t, t = 1..m. Returns (y_m, inputs (N,m,d): every
+// reflection's input y_{t-1}).
+std::vector<at::Tensor> reflections_forward(at::Tensor z, at::Tensor unit) {
+  z = z.contiguous(); unit = unit.contiguous();
+  const int64_t n = z.size(0), d = z.size(1), m = unit.size(1);
+  auto y = at::empty_like(z);
+  auto inputs = at::empty_like(unit);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "reflections_forward", [&] {
+    const scalar_t *zp = z.data_ptr<scalar_t>(), *up = unit.data_ptr<scalar_t>();
+    scalar_t *yp = y.data_ptr<scalar_t>(), *ip = inputs.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* point = yp + i * d;
+        std::copy(zp + i * d, zp + (i + 1) * d, point);
+        for (int64_t t = 0; t < m; ++t) {
+          const scalar_t* u = up + (i * m + t) * d;
+          std::copy(point, point + d, ip + (i * m + t) * d);
+          scalar_t dot = 0;
+          for (int64_t j = 0; j < d; ++j) dot += point[j] * u[j];
+          for (int64_t j = 0; j < d; ++j) point[j] -= 2 * dot * u[j];
+        }
+      }
+    });
+  });
+  return {y, inputs};
+}
+
+// Backward of reflections_forward: from g = dL/dy_m, going down t = m..1: dL/du_t = -2 ((g.u_t) y_{t-1} +
+// (y_{t-1}.u_t) g), then g <- H_t g. Returns (dL/dz, dL/dunit).
+std::vector<at::Tensor> reflections_backward(at::Tensor grad, at::Tensor unit, at::Tensor inputs) {
+  grad = grad.contiguous(); unit = unit.contiguous(); inputs = inputs.contiguous();
+  const int64_t n = grad.size(0), d = grad.size(1), m = unit.size(1);
+  auto grad_z = at::empty_like(grad);
+  auto grad_unit = at::empty_like(unit);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "reflections_backward", [&] {
+    const scalar_t *gp = grad.data_ptr<scalar_t>(), *up = unit.data_ptr<scalar_t>(), *ip = inputs.data_ptr<scalar_t>();
+    scalar_t *gz = grad_z.data_ptr<scalar_t>(), *gu = grad_unit.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* g = gz + i * d;
+        std::copy(gp + i * d, gp + (i + 1) * d, g);
+        for (int64_t t = m - 1; t >= 0; --t) {
+          const scalar_t *u = up + (i * m + t) * d, *y = ip + (i * m + t) * d;
+          scalar_t gu_dot = 0, yu_dot = 0;
+          for (int64_t j = 0; j < d; ++j) {
+            gu_dot += g[j] * u[j];
+            yu_dot += y[j] * u[j];
+          }
+          scalar_t* out = gu + (i * m + t) * d;
+          for (int64_t j = 0; j < d; ++j) out[j] = -2 * (gu_dot * y[j] + yu_dot * g[j]);
+          for (int64_t j = 0; j < d; ++j) g[j] -= 2 * gu_dot * u[j];
+        }
+      }
+    });
+  });
+  return {grad_z, grad_unit};
+}
+
 // Radial run x <- x + beta_k h (x - z0_k), h = 1/(alpha_k + |x - z0_k|).
 // Returns (x, logdet, inputs (K,N,d)).
 std::vector<at::Tensor> radial_forward(at::Tensor z, at::Tensor z0, at::Tensor alpha, at::Tensor beta) {
@@ -791,6 +851,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_bytes", &vector_bytes, "vector width of the planar and Sylvester kernels (bytes)");
   m.def("sylvester_newton", &sylvester_newton, "tanh Sylvester layer inverse, back-substitution");
   m.def("sylvester_linear", &sylvester_linear, "Sylvester layer Jacobian solve, back-substitution");
+  m.def("reflections_forward", &reflections_forward, "per-point Householder reflections, forward");
+  m.def("reflections_backward", &reflections_backward, "per-point Householder reflections, backward");
   m.def("radial_forward", &radial_forward, "radial run, forward");
   m.def("radial_backward", &radial_backward, "radial run, backward");
 }

@@ -7,11 +7,13 @@ standard errors. The data are the bundled binarised digits, or MNIST when ``flow
 --mnist DIR`` names its files.
 
 The claim is empirical, so the verdict separates noise from contradiction. Posteriors are compared
-on the same test images (paired: ``z`` = mean per-image NLL difference over its standard error). A
-flow significantly worse than the plain VAE (``z ≥ 2``) contradicts the claim (decisive); a flow whose
-NLL is not below the VAE's, but not significantly worse, leaves it open (inconclusive). Same for the
-best Sylvester variant against planar ``K = 16``. Only runs that converged (stopped by the patience
-rule, not by the epoch budget) can contradict the claim; otherwise every comparison is evidence.
+on the same test images (paired: ``z`` = mean per-image NLL difference over its standard error). Only
+runs that converged (stopped by the patience rule, not by the epoch budget) can contradict the claim:
+then a flow significantly worse than the plain VAE (``z ≥ 2``) does (decisive), and a flow whose NLL
+is not below the VAE's, but not significantly worse, leaves it open (inconclusive). Runs ended by the
+epoch budget support it only when every flow is significantly better than the plain VAE at that budget
+(``z ≤ −2``). The best Sylvester variant is "at least as good as planar ``K = 16``" when it is not
+significantly worse (``z < 2``; decisive between converged runs).
 The capability comes with :mod:`flowprobe.vae`; without it the section is "not available".
 """
 
@@ -91,21 +93,26 @@ def _comparisons(rows: list[dict[str, Any]], per_image: dict[str, Any]) -> list[
 
 
 def _checks(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], z: float) -> list[Check]:
-    """The claim's checks. A comparison can contradict the claim only between converged runs (stopped
-    early by the patience rule); under a budget that ended training first it is evidence only."""
+    """The claim's checks (module docstring). Between converged runs (stopped early by the patience rule)
+    a flow significantly worse than the plain VAE, or the best Sylvester variant significantly worse than
+    planar ``K = 16``, contradicts the claim. When the epoch budget ended training first nothing can
+    contradict it, and only evidence that stands out of the noise supports it: every flow significantly
+    better than the plain VAE at the same budget (``z ≤ −z*``). "At least as good as planar" is "not
+    significantly worse" either way (a point estimate of a tie falls on either side by chance)."""
     converged = all(all(r["stopped_early"]) for r in rows)
-    flows = [c for c in comparisons if c["against"] == "vae"]
-    checks = [
-        check("runs stopped by the epoch budget before converging",
-              float(sum(not done for r in rows for done in r["stopped_early"])), "≤", 0, decisive=False),
-        check("largest z of NLL(flow) − NLL(no flow)", max(c["z"] for c in flows), "<", z, decisive=converged),
-        check("flows whose NLL is not below the plain VAE's", float(sum(c["nll_difference"] >= 0 for c in flows)),
-              "≤", 0, decisive=False),
-    ]
-    for c in comparisons:
-        if c["against"] == "planar16":
-            checks += [check(f"z of NLL({c['posterior']}) − NLL(planar16)", c["z"], "<", z, decisive=converged),
-                       check(f"NLL({c['posterior']}) − NLL(planar16)", c["nll_difference"], "≤", 0, decisive=False)]
+    largest = max(c["z"] for c in comparisons if c["against"] == "vae")
+    if converged:
+        checks = [
+            check("largest z of NLL(flow) − NLL(no flow)", largest, "<", z),
+            check("flows whose NLL is not below the plain VAE's",
+                  float(sum(c["nll_difference"] >= 0 for c in comparisons if c["against"] == "vae")), "≤", 0,
+                  decisive=False),
+        ]
+    else:
+        checks = [check("largest z of NLL(flow) − NLL(no flow), runs ended by the epoch budget", largest, "≤", -z,
+                        decisive=False)]
+    checks += [check(f"z of NLL({c['posterior']}) − NLL(planar16)", c["z"], "<", z, decisive=converged)
+               for c in comparisons if c["against"] == "planar16"]
     return checks
 
 
