@@ -484,13 +484,24 @@ class _Loop:
             index = [torch.randint(0, train.shape[1], (n,), generator=g, device=a.device) for g in generators]
             log_p = self.flow.log_prob(self._points([train[i][idx] for i, idx in enumerate(index)]))
             return -log_p.reshape(m, n).mean(-1) / dim
-        eps = self._points([torch.randn(n, dim, generator=g, device=a.device, dtype=a.dtype) for g in generators])
+        eps = self._noise(n, generators)
         z = self.flow.base.reparametrise(eps)
         x, logdet = self.flow(z)
         warm_up = self.config.anneal * self.config.steps
         beta = min(1.0, 0.01 + self.step / warm_up) if warm_up > 0 else 1.0
         log_q = self.flow._base_log_prob(z).reshape(-1) - logdet.reshape(-1)
         return (log_q + beta * self._energy(x.reshape(-1, dim))).reshape(m, n).mean(-1)
+
+    def _noise(self, n: int, generators: list[torch.Generator]) -> Tensor:
+        """Each member's ``(n, d)`` standard normal noise from its generator, in the flow's layout; an ensemble
+        on the CPU draws it in one compiled call (the same numbers as one ``torch.randn`` per member)."""
+        a, dim = self.anchor, self.flow.dim
+        module = native.usable(a) if len(generators) > 1 else None
+        if module is None:
+            return self._points([torch.randn(n, dim, generator=g, device=a.device, dtype=a.dtype) for g in generators])
+        eps = torch.empty(len(generators), n, dim, device=a.device, dtype=a.dtype)
+        module.normal_members(eps, generators)
+        return eps.reshape(*self.flow.ensemble_shape, n, dim)
 
     def _energy(self, x: Tensor) -> Tensor:
         energy = self.energy

@@ -245,3 +245,22 @@ def test_compiled_planar_kernel_with_no_points():
     assert x.shape == (2, 0, 2) and logdet.shape == (2, 0)
     for grad in MODULE.planar_backward(x, logdet, inputs, kept, u, u, b, 0)[1:]:
         assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 15, 16, 300])
+def test_compiled_member_noise_is_each_generators_randn(dtype, n):
+    """An ensemble's training noise in one call: member m's block is bit for bit what torch.randn draws from
+    its generator (sizes below and above ATen's 16-value vectorised path), and each generator advances as
+    randn advances it."""
+    seeds = [5, 0, 123]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    out = torch.empty(3, n, 2, dtype=dtype)
+    MODULE.normal_members(out, generators)
+    MODULE.normal_members(out, generators)  # a second draw: the generators moved on as randn moves them
+    for m, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        torch.randn(n, 2, generator=g, dtype=dtype)
+        assert torch.equal(out[m], torch.randn(n, 2, generator=g, dtype=dtype))
+    with pytest.raises(RuntimeError, match="one row per generator"):
+        MODULE.normal_members(out, generators[:2])

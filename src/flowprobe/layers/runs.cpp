@@ -1,7 +1,7 @@
 // Fused CPU kernels for shared-parameter planar and radial runs: the forward of all K layers and its
 // analytic backward in one call each (flowprobe/layers/native.py builds and loads this file); the
 // back-substitutions of a Sylvester layer's inverse and of its Jacobian's solve; and per-point Householder
-// reflections, forward and backward.
+// reflections, forward and backward; and the per-member noise of an ensemble's training step.
 //
 // Points are independent, so each call walks the K layers in parallel over points. The formulas are
 // those of the Python kernels (_PlanarRun, _RadialRun in planar.py / radial.py), which the tests
@@ -845,6 +845,15 @@ std::vector<at::Tensor> radial_backward(at::Tensor grad_x, at::Tensor grad_logde
   return out;
 }
 
+// Each ensemble member's standard normal noise from its own generator: out (M, ...) with out[m] drawn as
+// torch.randn(out[m].shape, generator=generators[m]) draws it (the same ATen call on a contiguous block of
+// the same size, so the same bits), in one call instead of M (a training step draws it for every member).
+void normal_members(at::Tensor out, const std::vector<at::Generator>& generators) {
+  TORCH_CHECK(out.is_contiguous() && out.dim() >= 1 && out.size(0) == static_cast<int64_t>(generators.size()),
+              "normal_members: out must be contiguous with one row per generator");
+  for (size_t m = 0; m < generators.size(); ++m) out.select(0, static_cast<int64_t>(m)).normal_(0, 1, generators[m]);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("planar_forward", &planar_forward, "planar run, forward");
   m.def("planar_backward", &planar_backward, "planar run, backward");
@@ -855,4 +864,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reflections_backward", &reflections_backward, "per-point Householder reflections, backward");
   m.def("radial_forward", &radial_forward, "radial run, forward");
   m.def("radial_backward", &radial_backward, "radial run, backward");
+  m.def("normal_members", &normal_members, "standard normal noise per ensemble member, one generator each");
 }
