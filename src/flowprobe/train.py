@@ -478,11 +478,9 @@ class _Loop:
     def losses(self, n: int, generators: list[torch.Generator]) -> Tensor:
         """Each member's mini-batch loss ``(M,)`` of ``n`` points drawn with its generator: NLL per
         point in nats/dim, or ``log q + βU`` per sample."""
-        a, dim, m = self.anchor, self.flow.dim, self.members
+        dim, m = self.flow.dim, self.members
         if self.train is not None:
-            train = self.train
-            index = [torch.randint(0, train.shape[1], (n,), generator=g, device=a.device) for g in generators]
-            log_p = self.flow.log_prob(self._points([train[i][idx] for i, idx in enumerate(index)]))
+            log_p = self.flow.log_prob(self._batch(n, generators))
             return -log_p.reshape(m, n).mean(-1) / dim
         eps = self._noise(n, generators)
         z = self.flow.base.reparametrise(eps)
@@ -491,6 +489,20 @@ class _Loop:
         beta = min(1.0, 0.01 + self.step / warm_up) if warm_up > 0 else 1.0
         log_q = self.flow._base_log_prob(z).reshape(-1) - logdet.reshape(-1)
         return (log_q + beta * self._energy(x.reshape(-1, dim))).reshape(m, n).mean(-1)
+
+    def _batch(self, n: int, generators: list[torch.Generator]) -> Tensor:
+        """Each member's mini-batch of ``n`` training points, indices drawn with its generator, in the flow's
+        layout; an ensemble on the CPU draws the indices in one compiled call and gathers them in one op."""
+        train, a = self.train, self.anchor
+        assert train is not None
+        module = native.usable(a) if len(generators) > 1 else None
+        if module is None:
+            index = [torch.randint(0, train.shape[1], (n,), generator=g, device=a.device) for g in generators]
+            return self._points([train[i][idx] for i, idx in enumerate(index)])
+        index = torch.empty(len(generators), n, dtype=torch.long, device=a.device)
+        module.randint_members(index, train.shape[1], generators)
+        rows = torch.arange(len(generators), device=a.device).unsqueeze(-1)
+        return train[rows, index].reshape(*self.flow.ensemble_shape, n, train.shape[-1])
 
     def _noise(self, n: int, generators: list[torch.Generator]) -> Tensor:
         """Each member's ``(n, d)`` standard normal noise from its generator, in the flow's layout; an ensemble

@@ -264,3 +264,20 @@ def test_compiled_member_noise_is_each_generators_randn(dtype, n):
         assert torch.equal(out[m], torch.randn(n, 2, generator=g, dtype=dtype))
     with pytest.raises(RuntimeError, match="one row per generator"):
         MODULE.normal_members(out, generators[:2])
+
+
+@pytest.mark.parametrize("high", [1, 7, 8192, 2**40])
+def test_compiled_member_indices_are_each_generators_randint(high):
+    """An ensemble's mini-batch indices in one call: member m's row is bit for bit torch.randint(0, high) of
+    its generator (ranges below and above 2³², which ATen draws with 32 and 64 random bits)."""
+    seeds = [3, 1, 4, 1 << 40]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    out = torch.empty(4, 300, dtype=torch.long)
+    MODULE.randint_members(out, high, generators)
+    MODULE.randint_members(out, high, generators)
+    for m, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        torch.randint(0, high, (300,), generator=g)
+        assert torch.equal(out[m], torch.randint(0, high, (300,), generator=g))
+    with pytest.raises(RuntimeError, match="int64 out"):
+        MODULE.randint_members(out.int(), high, generators)

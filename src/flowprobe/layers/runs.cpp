@@ -1,7 +1,7 @@
 // Fused CPU kernels for shared-parameter planar and radial runs: the forward of all K layers and its
 // analytic backward in one call each (flowprobe/layers/native.py builds and loads this file); the
 // back-substitutions of a Sylvester layer's inverse and of its Jacobian's solve; and per-point Householder
-// reflections, forward and backward; and the per-member noise of an ensemble's training step.
+// reflections, forward and backward; and the per-member draws of an ensemble's training step.
 //
 // Points are independent, so each call walks the K layers in parallel over points. The formulas are
 // those of the Python kernels (_PlanarRun, _RadialRun in planar.py / radial.py), which the tests
@@ -845,13 +845,25 @@ std::vector<at::Tensor> radial_backward(at::Tensor grad_x, at::Tensor grad_logde
   return out;
 }
 
-// Each ensemble member's standard normal noise from its own generator: out (M, ...) with out[m] drawn as
-// torch.randn(out[m].shape, generator=generators[m]) draws it (the same ATen call on a contiguous block of
-// the same size, so the same bits), in one call instead of M (a training step draws it for every member).
-void normal_members(at::Tensor out, const std::vector<at::Generator>& generators) {
+// Each ensemble member's random draws from its own generator, in one call instead of M (a training step
+// draws them for every member): out (M, ...) with out[m] what torch.randn(out[m].shape, generator=
+// generators[m]) (normal_members), or torch.randint(0, high, out[m].shape, generator=generators[m])
+// (randint_members), draws: the same ATen call on a contiguous block of the same size, so the same bits.
+void check_members(const at::Tensor& out, const std::vector<at::Generator>& generators, const char* name) {
   TORCH_CHECK(out.is_contiguous() && out.dim() >= 1 && out.size(0) == static_cast<int64_t>(generators.size()),
-              "normal_members: out must be contiguous with one row per generator");
+              name, ": out must be contiguous with one row per generator");
+}
+
+void normal_members(at::Tensor out, const std::vector<at::Generator>& generators) {
+  check_members(out, generators, "normal_members");
   for (size_t m = 0; m < generators.size(); ++m) out.select(0, static_cast<int64_t>(m)).normal_(0, 1, generators[m]);
+}
+
+void randint_members(at::Tensor out, int64_t high, const std::vector<at::Generator>& generators) {
+  check_members(out, generators, "randint_members");
+  TORCH_CHECK(out.scalar_type() == at::kLong && high > 0, "randint_members: int64 out and high > 0");
+  for (size_t m = 0; m < generators.size(); ++m)
+    out.select(0, static_cast<int64_t>(m)).random_(0, high, generators[m]);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -865,4 +877,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("radial_forward", &radial_forward, "radial run, forward");
   m.def("radial_backward", &radial_backward, "radial run, backward");
   m.def("normal_members", &normal_members, "standard normal noise per ensemble member, one generator each");
+  m.def("randint_members", &randint_members, "random indices per ensemble member, one generator each");
 }
