@@ -63,6 +63,34 @@ def test_fused_ensemble_run_equals_layer_by_layer(activation, compiled, monkeypa
     assert type(x.grad_fn).__name__ == ("NativeRunBackward" if compiled else "_PlanarMembersRunBackward")
 
 
+@pytest.mark.parametrize("newton_fails", [False, True])
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "leaky_relu"])
+def test_fused_ensemble_inverse_equals_layer_by_layer(activation, newton_fails, monkeypatch):
+    """The members' inverse run (roots of every member per layer at once, the implicit-function backward
+    batched over members) = layer by layer: values, log-dets and gradients, with and without autograd; with
+    tanh also when the fixed Newton budget fails its check and the safeguarded solver redoes the run."""
+    torch.manual_seed(5)
+    stack = fp.Planar(3, activation, layers=6, ensemble=4, u_max=2.0).double()
+    perturb(stack, 0.5)
+    with torch.no_grad():
+        x = stack(2 * torch.randn(4, 50, 3, dtype=torch.float64))[0]
+    reference = evaluate(stack, "inverse", x, False)
+    calls = []
+
+    def counting_solver(*args):
+        calls.append(1)
+        return fp.layers.scalar.solve_scalar(*args)
+
+    monkeypatch.setattr(planar, "solve_scalar", counting_solver)
+    if newton_fails:
+        monkeypatch.setitem(TANH_NEWTON_BUDGETS, torch.float64, ((-1.0, math.inf, 1),))
+    assert_same(evaluate(stack, "inverse", x, True), reference)
+    with torch.no_grad():
+        assert_same(stack.inverse(x), reference[:2])
+    assert type(stack.inverse(x)[0].grad_fn).__name__ == "_PlanarMembersInverseRunBackward"
+    assert len(calls) == (0 if activation == "tanh" and not newton_fails else 18)  # three inverses of 6 layers
+
+
 @pytest.mark.parametrize("case", KERNEL_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_run_without_autograd_equals_layer_by_layer(case, dtype):

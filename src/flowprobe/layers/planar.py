@@ -179,6 +179,11 @@ class Planar(FlowLayer):
                 return _PlanarInverseRun.apply(x, p.u, p.w, p.b, p.wu, self.act)
             z, roots = _roots(x, p, self.act)
             return z, -log_slopes(roots, p.wu, self.act)
+        if _members(x, p) and fused_kernels_allowed():
+            if needs_grad(x, p):
+                return _PlanarMembersInverseRun.apply(x, p.u, p.w, p.b, p.wu, self.act)
+            z, roots = _roots(x, p, self.act)
+            return z, -_member_log_slopes(roots, p.wu, self.act)
         if torch.compiler.is_compiling() and self.act.newton is not None and p.u.dim() == 2 and x.dim() == 2:
             return _inverse_traced(x, p, self.act)
         return super().inverse_run(x, p)
@@ -337,18 +342,34 @@ class _PlanarMembersRun(torch.autograd.Function):
         return g.transpose(1, 2), grad_u, grad_w, d_pre.sum(-1), grad_wu, None
 
 
-def _roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Invert the run without autograd; returns ``z`` and the pre-activations ``(K, N)``.
+def _affine(z: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``c = wᵀz + b`` of one layer: points ``(N, d)`` with ``w`` ``(d,)``, or an ensemble's ``(E, N, d)`` with
+    ``w`` ``(E, 1, d)``, ``b`` ``(E, 1)``."""
+    if z.dim() == 2:
+        return torch.addmv(b, z, w)
+    return torch.baddbmm(b.unsqueeze(-1), z, w.transpose(-1, -2)).squeeze(-1)
 
-    With ``inputs`` ``(K, N, d)`` given, the point entering the inverse of layer ``k`` (the output
+
+def _undo(z: Tensor, hidden: Tensor, u: Tensor, out: Tensor | None) -> Tensor:
+    """``z − h û`` of one layer (layouts of :func:`_affine`), into ``out`` if given."""
+    if z.dim() == 2:
+        return torch.addr(z, hidden, u, alpha=-1, out=out)
+    return torch.addcmul(z, hidden.unsqueeze(-1), u, value=-1, out=out)
+
+
+def _roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Invert the run without autograd; returns ``z`` and the pre-activations ``(K, N)`` — or, for the
+    ``E`` members of an ensemble (:func:`_members`), ``(K, E, N)``.
+
+    With ``inputs`` ``(K, *x.shape)`` given, the point entering the inverse of layer ``k`` (the output
     of layer ``k``) is written into ``inputs[k]``.
 
-    With a fixed-budget Newton kernel (tanh), each layer takes the budget its ``α`` needs (no
-    synchronisation inside the run) and one convergence check covers the whole run; otherwise, or
-    when the check fails, the run is redone with the safeguarded solver.
+    With a fixed-budget Newton kernel (tanh), each layer takes the budget its ``α`` needs (the largest
+    of its members'; no synchronisation inside the run) and one convergence check covers the whole
+    run; otherwise, or when the check fails, the run is redone with the safeguarded solver.
     """
-    k = p.u.shape[0]
-    pre = x.new_empty(k, x.shape[0])
+    k, members = p.u.shape[0], x.dim() == 3
+    pre = x.new_empty(k, *x.shape[:-1])
     us, ws, bs = p.u.unbind(0), p.w.unbind(0), p.b.unbind(0)
     outs: list[Tensor | None] = [None] * k
     if inputs is not None:
@@ -356,22 +377,22 @@ def _roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = 
         outs = [None, *inputs.unbind(0)[:-1]]  # layer k's inverse writes layer k − 1's input
     kernel = act.newton
     if kernel is not None:
-        alphas = p.wu.tolist()
+        values = p.wu.flatten(1).tolist() if members else [[a] for a in p.wu.tolist()]
+        alphas = p.wu.unbind(0) if members else [a for (a,) in values]
         last = torch.empty_like(pre)
         one_plus, roots, lasts = (1 + p.wu).unbind(0), pre.unbind(0), last.unbind(0)
         z = x
         for i in range(k - 1, -1, -1):
-            c = torch.addmv(bs[i], z, ws[i])
-            kernel.solve(c, alphas[i], one_plus[i], kernel.budget(alphas[i], x.dtype), roots[i], lasts[i])
-            z = torch.addr(z, act.fn(roots[i]), us[i], alpha=-1, out=outs[i])
-        if bool(kernel.converged(p.wu.unsqueeze(-1), last, pre)):
+            steps = max(kernel.budget(a, x.dtype) for a in values[i])
+            kernel.solve(_affine(z, ws[i], bs[i]), alphas[i], one_plus[i], steps, roots[i], lasts[i])
+            z = _undo(z, act.fn(roots[i]), us[i], outs[i])
+        if bool(kernel.converged(p.wu if members else p.wu.unsqueeze(-1), last, pre)):
             return z, pre
     z = x
     one, zero = x.new_ones(()), x.new_zeros(())
     for i in range(k - 1, -1, -1):
-        c = torch.addmv(bs[i], z, ws[i])
-        pre[i] = solve_scalar(c, p.wu[i], one, zero, act)
-        z = torch.addr(z, act.fn(pre[i]), us[i], alpha=-1, out=outs[i])
+        pre[i] = solve_scalar(_affine(z, ws[i], bs[i]), p.wu[i], one, zero, act)
+        z = _undo(z, act.fn(pre[i]), us[i], outs[i])
     return z, pre
 
 
@@ -412,6 +433,46 @@ class _PlanarInverseRun(torch.autograd.Function):
         grad_w = weighted_sums(d_c, inputs)
         grad_wu += weighted_sums(d_c, minus_hidden.unsqueeze(-1)).flatten()
         return g, grad_u, grad_w, d_c.sum(1), grad_wu, None
+
+
+class _PlanarMembersInverseRun(torch.autograd.Function):
+    """:class:`_PlanarInverseRun` for the ``E`` members of an ensemble at once (points ``(E, N, d)``,
+    ``û, w`` ``(K, E, 1, d)``, ``b, α`` ``(K, E, 1)``): the same roots (:func:`_roots`) and formulas,
+    each layer's backward a few batched ops over the members whatever ``E``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, u: Tensor, w: Tensor, b: Tensor, wu: Tensor, act: Activation) -> Any:
+        inputs = x.new_empty(u.shape[0], *x.shape)
+        z, roots = _roots(x, PlanarParams(u, w, b, wu), act, inputs)
+        ctx.save_for_backward(inputs, roots, u, w, wu)
+        ctx.act = act
+        return z, -_member_log_slopes(roots, wu, act)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_z: Tensor, grad_logdet: Tensor) -> tuple:
+        inputs, roots, u, w, wu = ctx.saved_tensors
+        k, e, n = roots.shape
+        slope, d_c, grad_wu = (t.view(k, e, -1) for t in log_slopes_grads(  # ℓ = −log D
+            roots.flatten(0, 1), wu.flatten(), grad_logdet.neg().expand(k, e, n).flatten(0, 1), ctx.act))
+        factor = (slope * wu).add_(1).reciprocal_()  # 1/D for now
+        d_c.mul_(factor)  # ∂L/∂c = d_c + factor gᵀû, completed in place below
+        factor.mul_(slope).neg_()
+        minus_hidden = -ctx.act.fn(roots)
+        grad_u = torch.empty_like(u)
+        g = grad_z
+        for i in range(k):
+            d_c_i = d_c[i].addcmul_(factor[i], torch.bmm(g, u[i].transpose(-1, -2)).squeeze(-1))
+            torch.bmm(minus_hidden[i].unsqueeze(1), g, out=grad_u[i])
+            g = torch.addcmul(g, d_c_i.unsqueeze(-1), w[i])
+        grad_w = weighted_sums(d_c.flatten(0, 1), inputs.flatten(0, 1)).view_as(w)
+        grad_wu = grad_wu + (d_c * minus_hidden).sum(-1, keepdim=True)
+        return g, grad_u, grad_w, d_c.sum(-1, keepdim=True), grad_wu, None
+
+
+def _member_log_slopes(roots: Tensor, wu: Tensor, act: Activation) -> Tensor:
+    """``Σ_k log(1 + α h'(s_k))`` of an ensemble's run: roots ``(K, E, N)``, ``α`` ``(K, E, 1)`` → ``(E, N)``."""
+    return act.derivative(roots).mul_(wu).log1p_().sum(0)
 
 
 @eager
