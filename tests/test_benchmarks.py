@@ -28,6 +28,16 @@ def test_compare_anchors_quick_row_writes_json(tmp_path):
     assert "| (a) reverse-KL on U1, planar-tanh K=32 d=2 | steps/s |" in stdout
 
 
+def test_ensemble_speed_times_a_depth_configuration(tmp_path):
+    """The Householder depth-sweep workload: ensemble and sequential runs timed, the members equal the solo runs."""
+    target = tmp_path / "ensemble.json"
+    stdout = run("benchmarks/ensemble_speed.py", "--workload", "householder", "--quick", "--json", str(target))
+    result = json.loads(target.read_text())
+    assert result["workload"] == "householder" and result["speedup_vs_flowprobe_sequential"] > 0
+    assert result["max_member_vs_solo_difference"] < 1e-10  # float64, 30 steps
+    assert "| flowprobe sequential   |" in stdout and "normflows" not in stdout
+
+
 def test_compare_checkouts_interleaves_two_checkouts(tmp_path):
     """This checkout against itself: both workers answer, and the paired ratio is a ratio of their rates."""
     target = tmp_path / "checkouts.json"
