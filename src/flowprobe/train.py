@@ -499,10 +499,11 @@ class _Loop:
         if module is None:
             index = [torch.randint(0, train.shape[1], (n,), generator=g, device=a.device) for g in generators]
             return self._points([train[i][idx] for i, idx in enumerate(index)])
-        index = torch.empty(len(generators), n, dtype=torch.long, device=a.device)
-        module.randint_members(index, train.shape[1], generators)
-        rows = torch.arange(len(generators), device=a.device).unsqueeze(-1)
-        return train[rows, index].reshape(*self.flow.ensemble_shape, n, train.shape[-1])
+        members, size, dim = train.shape
+        index = torch.empty(members, n, dtype=torch.long, device=a.device)
+        module.randint_members(index, size, generators)
+        index += torch.arange(0, members * size, size, device=a.device).unsqueeze(-1)  # rows of the flat points
+        return train.view(-1, dim).index_select(0, index.view(-1)).view(*self.flow.ensemble_shape, n, dim)
 
     def _noise(self, n: int, generators: list[torch.Generator]) -> Tensor:
         """Each member's ``(n, d)`` standard normal noise from its generator, in the flow's layout; an ensemble

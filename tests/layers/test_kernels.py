@@ -63,6 +63,19 @@ def test_fused_ensemble_run_equals_layer_by_layer(activation, compiled, monkeypa
     assert type(x.grad_fn).__name__ == ("NativeRunBackward" if compiled else "_PlanarMembersRunBackward")
 
 
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_ensemble_householder_run_is_one_product_per_member(direction):
+    """An ensemble's Householder run: each member's reflections multiplied into one d × d matrix, the points
+    one batched product (values and gradients = the reflections one by one)."""
+    torch.manual_seed(6)
+    stack = fp.Householder(4, layers=3, reflections=2, ensemble=5).double()
+    perturb(stack, 0.5)
+    points = torch.randn(5, 40, 4, dtype=torch.float64)
+    assert_same(evaluate(stack, direction, points, True), evaluate(stack, direction, points, False))
+    out, _ = stack(points) if direction == "forward" else stack.inverse(points)
+    assert type(out.grad_fn).__name__ in ("UnsafeViewBackward0", "ViewBackward0", "BmmBackward0")
+
+
 @pytest.mark.parametrize("newton_fails", [False, True])
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "leaky_relu"])
 def test_fused_ensemble_inverse_equals_layer_by_layer(activation, newton_fails, monkeypatch):

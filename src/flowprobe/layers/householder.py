@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any
 
@@ -58,12 +59,26 @@ def _in_order(v: Tensor) -> Tensor:
 
 
 def _run_matrix(v: Tensor) -> Tensor:
-    """The ``d × d`` matrix ``A`` with ``x = z A`` for a shared run with reflection vectors ``(K, T, d)``."""
-    k, _, d = v.shape
-    rows = torch.eye(d, dtype=v.dtype, device=v.device).expand(k, d, d)  # rows = basis points
+    """The ``d × d`` matrix ``A`` with ``x = z A`` for a run with reflection vectors ``(K, *B, T, d)``: a
+    shared run (no ``B``), or one matrix per ensemble member (``B = (E,)``), ``(*B, d, d)``."""
+    k, d = v.shape[0], v.shape[-1]
+    rows = torch.eye(d, dtype=v.dtype, device=v.device).expand(*v.shape[:-2], d, d)  # rows = basis points
     for u in _unit_vectors(v).unbind(-2):
         rows = _reflect_unit(rows, u.unsqueeze(-2))
-    return torch.linalg.multi_dot(list(rows.unbind(0))) if k > 1 else rows[0]
+    if k == 1:
+        return rows[0]
+    if v.dim() == 3:
+        return torch.linalg.multi_dot(list(rows.unbind(0)))
+    return functools.reduce(torch.matmul, rows.unbind(0))
+
+
+def _members_matrix(points: Tensor, v: Tensor) -> Tensor | None:
+    """The members' matrices ``(E, d, d)`` (:func:`_run_matrix`) when ``v`` (run layout ``(K, E, 1, T, d)``) holds
+    one vector set per member of an ensemble of points ``(E, N, d)`` and the fused kernels are on; else
+    ``None``. A run is then one batched product of the points, whatever ``K``."""
+    if not (points.dim() == 3 and v.dim() == 5 and v.shape[1:3] == (points.shape[0], 1) and fused_kernels_allowed()):
+        return None
+    return _run_matrix(v.squeeze(2))
 
 
 MAX_REFLECTIONS = 4096  # per layer: each reflection is a step of a Python loop
@@ -200,11 +215,17 @@ class Householder(FlowLayer):
     def forward_run(self, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if uses_fused_kernels(z, v.dim() == 3):
             return z @ _run_matrix(v), z.new_zeros(z.shape[0])
+        matrices = _members_matrix(z, v)
+        if matrices is not None:
+            return z @ matrices, z.new_zeros(z.shape[:-1])
         return reflect_all(z, _in_order(v)), z.new_zeros(z.shape[:-1])
 
     def inverse_run(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if uses_fused_kernels(x, v.dim() == 3):
             return x @ _run_matrix(v).transpose(-1, -2), x.new_zeros(x.shape[0])
+        matrices = _members_matrix(x, v)
+        if matrices is not None:
+            return x @ matrices.transpose(-1, -2), x.new_zeros(x.shape[:-1])
         return reflect_all(x, _in_order(v).flip(-2)), x.new_zeros(x.shape[:-1])
 
     def invertibility(self, layer: int | None = None) -> Invertibility:
