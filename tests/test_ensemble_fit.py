@@ -56,6 +56,32 @@ def test_reverse_kl_members_equal_their_solo_runs():
             torch.testing.assert_close(p, q, atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("target", ["data", "energy"])
+def test_compiled_member_draws_give_the_runs_of_per_member_torch_draws(target, monkeypatch):
+    """The members' mini-batch indices and source noise drawn in one compiled call train exactly the ensemble
+    that one torch.randint / torch.randn per member trains (the compiled draws hidden from fit, the layers'
+    kernels left as they are)."""
+    import types
+
+    from flowprobe import train
+    from flowprobe.layers import native
+
+    if native.kernels(build=True) is None:
+        pytest.skip("no C++ compiler: the compiled kernels are optional")
+    kwargs = {"data": load_data("moons", n=300, seed=0).double()} if target == "data" else {
+        "energy": rezende_energy("U1")}
+    runs = []
+    for hidden in (False, True):
+        if hidden:
+            monkeypatch.setattr(train, "native", types.SimpleNamespace(usable=lambda points: None,
+                                                                       kernels=native.kernels))
+        flow = perturbed_ensemble(3, seed=2)
+        fp.fit(flow, seeds=[4, 0, 9], steps=15, lr=0.01, batch_size=32, log_every=5, **kwargs)
+        runs.append([p.detach().clone() for p in flow.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_diverging_member_stops_alone():
     data = load_data("moons", n=400, seed=0).double()
     ensemble = perturbed_ensemble(3)

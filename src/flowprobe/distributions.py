@@ -113,7 +113,7 @@ class StandardNormal(Density):
     """``N(0, I_dim)``."""
 
     def _log_prob(self, x: Tensor) -> Tensor:
-        return -0.5 * squared_norm(x) - 0.5 * self.dim * LOG_2PI
+        return -0.5 * _squared_norm(x) - 0.5 * self.dim * LOG_2PI
 
     def reparametrise(self, eps: Tensor) -> Tensor:
         return eps
@@ -166,7 +166,7 @@ class _Normal(Density):
     def _log_prob(self, x: Tensor) -> Tensor:
         eps = self._whiten(x - self.loc.unsqueeze(-2))
         log_det = self.clamped_log_scale().sum(-1, keepdim=True)
-        return -0.5 * squared_norm(eps) - log_det - 0.5 * self.dim * LOG_2PI
+        return -0.5 * _squared_norm(eps) - log_det - 0.5 * self.dim * LOG_2PI
 
     def set_moments(self, mean: Tensor, cov: Tensor) -> None:
         """Set the parameters to mean ``(*E, dim)`` and covariance ``(*E, dim, dim)`` (positive definite;
@@ -315,7 +315,7 @@ class GaussianMixture(Density):
         diff = (x.unsqueeze(1) - self.means).unsqueeze(-1)  # (N, K, d, 1)
         std = torch.linalg.solve_triangular(self.scale_tril, diff, upper=False).squeeze(-1)
         half_log_det = torch.diagonal(self.scale_tril, dim1=-2, dim2=-1).log().sum(-1)
-        return -0.5 * squared_norm(std) - half_log_det - 0.5 * self.dim * LOG_2PI
+        return -0.5 * _squared_norm(std) - half_log_det - 0.5 * self.dim * LOG_2PI
 
     def _log_prob(self, x: Tensor) -> Tensor:
         return torch.logsumexp(self.component_log_prob(x) + self.log_weights, dim=-1)
@@ -355,7 +355,7 @@ class Energy(nn.Module):
         return f"dim={self.dim}, name={self.name!r}"
 
 
-def squared_norm(x: Tensor) -> Tensor:
+def _squared_norm(x: Tensor) -> Tensor:
     """``‖x‖²`` over the last axis, as a product with a vector of ones: a sum over a short last axis
     (d = 2) is a slow reduction, a few times the cost of the product at thousands of points."""
     return (x * x) @ x.new_ones(x.shape[-1])
