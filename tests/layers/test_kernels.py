@@ -18,6 +18,19 @@ KERNEL_CASES = ["planar-tanh", "planar-sigmoid", "planar-arctan", "planar-softpl
                 "sylvester-householder-tanh", "sylvester-triangular-tanh", "sylvester-orthogonal-softplus"]
 
 
+@pytest.fixture
+def solver_calls(monkeypatch):
+    """Counts the planar inverse's calls of the safeguarded solver (a list, one entry per call)."""
+    calls = []
+
+    def counting_solver(*args):
+        calls.append(1)
+        return fp.layers.scalar.solve_scalar(*args)
+
+    monkeypatch.setattr(planar, "solve_scalar", counting_solver)
+    return calls
+
+
 def make_stack(case, dim=3, k=5, seed=0):
     torch.manual_seed(seed)
     stack = make(case, dim=dim, layers=k)
@@ -78,7 +91,7 @@ def test_ensemble_householder_run_is_one_product_per_member(direction):
 
 @pytest.mark.parametrize("newton_fails", [False, True])
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "leaky_relu"])
-def test_fused_ensemble_inverse_equals_layer_by_layer(activation, newton_fails, monkeypatch):
+def test_fused_ensemble_inverse_equals_layer_by_layer(activation, newton_fails, monkeypatch, solver_calls):
     """The members' inverse run (roots of every member per layer at once, the implicit-function backward
     batched over members) = layer by layer: values, log-dets and gradients, with and without autograd; with
     tanh also when the fixed Newton budget fails its check and the safeguarded solver redoes the run."""
@@ -88,20 +101,14 @@ def test_fused_ensemble_inverse_equals_layer_by_layer(activation, newton_fails, 
     with torch.no_grad():
         x = stack(2 * torch.randn(4, 50, 3, dtype=torch.float64))[0]
     reference = evaluate(stack, "inverse", x, False)
-    calls = []
-
-    def counting_solver(*args):
-        calls.append(1)
-        return fp.layers.scalar.solve_scalar(*args)
-
-    monkeypatch.setattr(planar, "solve_scalar", counting_solver)
+    solver_calls.clear()  # the layer-by-layer reference's own calls
     if newton_fails:
         monkeypatch.setitem(TANH_NEWTON_BUDGETS, torch.float64, ((-1.0, math.inf, 1),))
     assert_same(evaluate(stack, "inverse", x, True), reference)
     with torch.no_grad():
         assert_same(stack.inverse(x), reference[:2])
-    assert type(stack.inverse(x)[0].grad_fn).__name__ == "_PlanarMembersInverseRunBackward"
-    assert len(calls) == (0 if activation == "tanh" and not newton_fails else 18)  # three inverses of 6 layers
+    assert type(stack.inverse(x)[0].grad_fn).__name__ == "_PlanarInverseRunBackward"
+    assert len(solver_calls) == (0 if activation == "tanh" and not newton_fails else 18)  # three inverses of 6 layers
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)
@@ -151,41 +158,28 @@ def test_set_constrained_writes_into_the_stack_at_its_layer():
         stack.set_constrained(u, w, 0.5)
 
 
-def test_planar_inverse_falls_back_when_the_newton_budget_is_too_small(monkeypatch):
+def test_planar_inverse_falls_back_when_the_newton_budget_is_too_small(monkeypatch, solver_calls):
     stack = make_stack("planar-tanh", dim=2, k=4)
     x = stack(torch.randn(50, 2, dtype=torch.float64))[0].detach()
-    calls = []
-
-    def counting_solver(*args):
-        calls.append(1)
-        return fp.layers.scalar.solve_scalar(*args)
-
-    monkeypatch.setattr(planar, "solve_scalar", counting_solver)
     with torch.no_grad():
         z_ok, ld_ok = stack.inverse(x)
-    assert not calls  # the fixed Newton budget passed its check
+    assert not solver_calls  # the fixed Newton budget passed its check
     monkeypatch.setitem(TANH_NEWTON_BUDGETS, torch.float64, ((-1.0, math.inf, 1),))  # now the check fails
     with torch.no_grad():
         z_fb, ld_fb = stack.inverse(x)
-    assert len(calls) == 4
+    assert len(solver_calls) == 4
     torch.testing.assert_close(z_fb, z_ok, atol=TOL, rtol=0)
     torch.testing.assert_close(ld_fb, ld_ok, atol=TOL, rtol=0)
 
 
-def test_planar_inverse_gradients_survive_the_fallback(monkeypatch):
+def test_planar_inverse_gradients_survive_the_fallback(monkeypatch, solver_calls):
     stack = make_stack("planar-tanh", dim=3, k=4)
     x = stack(torch.randn(7, 3, dtype=torch.float64))[0].detach()
     reference = evaluate(stack, "inverse", x, False)
-    calls = []
-
-    def counting_solver(*args):
-        calls.append(1)
-        return fp.layers.scalar.solve_scalar(*args)
-
-    monkeypatch.setattr(planar, "solve_scalar", counting_solver)
+    solver_calls.clear()  # the layer-by-layer reference's own calls
     monkeypatch.setitem(TANH_NEWTON_BUDGETS, torch.float64, ((-1.0, math.inf, 1),))  # check fails: safeguarded
     fused = evaluate(stack, "inverse", x, True)
-    assert len(calls) == 4
+    assert len(solver_calls) == 4
     assert_same(fused, reference)
 
 

@@ -174,16 +174,11 @@ class Planar(FlowLayer):
         return native.usable(z) if self.act.native is not None else None
 
     def inverse_run(self, x: Tensor, p: PlanarParams) -> tuple[Tensor, Tensor]:
-        if uses_fused_kernels(x, p.u.dim() == 2):
+        if uses_fused_kernels(x, p.u.dim() == 2) or (_members(x, p) and fused_kernels_allowed()):
             if needs_grad(x, p):
                 return _PlanarInverseRun.apply(x, p.u, p.w, p.b, p.wu, self.act)
             z, roots = _roots(x, p, self.act)
             return z, -log_slopes(roots, p.wu, self.act)
-        if _members(x, p) and fused_kernels_allowed():
-            if needs_grad(x, p):
-                return _PlanarMembersInverseRun.apply(x, p.u, p.w, p.b, p.wu, self.act)
-            z, roots = _roots(x, p, self.act)
-            return z, -_member_log_slopes(roots, p.wu, self.act)
         if torch.compiler.is_compiling() and self.act.newton is not None and p.u.dim() == 2 and x.dim() == 2:
             return _inverse_traced(x, p, self.act)
         return super().inverse_run(x, p)
@@ -342,19 +337,32 @@ class _PlanarMembersRun(torch.autograd.Function):
         return g.transpose(1, 2), grad_u, grad_w, d_pre.sum(-1), grad_wu, None
 
 
+# One layer's products in the two layouts of a run: points (N, d) with vectors (d,), or an ensemble's
+# points (E, N, d) with vectors (E, 1, d); per-point scalars (N,) or (E, N).
 def _affine(z: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """``c = wᵀz + b`` of one layer: points ``(N, d)`` with ``w`` ``(d,)``, or an ensemble's ``(E, N, d)`` with
-    ``w`` ``(E, 1, d)``, ``b`` ``(E, 1)``."""
+    """``c = wᵀz + b`` per point (``b`` ``()`` or ``(E, 1)``)."""
     if z.dim() == 2:
         return torch.addmv(b, z, w)
     return torch.baddbmm(b.unsqueeze(-1), z, w.transpose(-1, -2)).squeeze(-1)
 
 
-def _undo(z: Tensor, hidden: Tensor, u: Tensor, out: Tensor | None) -> Tensor:
-    """``z − h û`` of one layer (layouts of :func:`_affine`), into ``out`` if given."""
+def _project(z: Tensor, w: Tensor) -> Tensor:
+    """``wᵀz`` per point."""
+    return torch.mv(z, w) if z.dim() == 2 else torch.bmm(z, w.transpose(-1, -2)).squeeze(-1)
+
+
+def _add_outer(z: Tensor, scalars: Tensor, u: Tensor, sign: int, out: Tensor | None = None) -> Tensor:
+    """``z ± s û`` per point, into ``out`` if given."""
     if z.dim() == 2:
-        return torch.addr(z, hidden, u, alpha=-1, out=out)
-    return torch.addcmul(z, hidden.unsqueeze(-1), u, value=-1, out=out)
+        return torch.addr(z, scalars, u, alpha=sign, out=out)
+    return torch.addcmul(z, scalars.unsqueeze(-1), u, value=sign, out=out)
+
+
+def _weigh(scalars: Tensor, z: Tensor, out: Tensor) -> Tensor:
+    """``Σ_n s_n z_n`` into ``out`` (``(d,)`` or ``(E, 1, d)``)."""
+    if z.dim() == 2:
+        return torch.mv(z.t(), scalars, out=out)
+    return torch.bmm(scalars.unsqueeze(1), z, out=out)
 
 
 def _roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -385,19 +393,21 @@ def _roots(x: Tensor, p: PlanarParams, act: Activation, inputs: Tensor | None = 
         for i in range(k - 1, -1, -1):
             steps = max(kernel.budget(a, x.dtype) for a in values[i])
             kernel.solve(_affine(z, ws[i], bs[i]), alphas[i], one_plus[i], steps, roots[i], lasts[i])
-            z = _undo(z, act.fn(roots[i]), us[i], outs[i])
+            z = _add_outer(z, act.fn(roots[i]), us[i], -1, outs[i])
         if bool(kernel.converged(p.wu if members else p.wu.unsqueeze(-1), last, pre)):
             return z, pre
     z = x
     one, zero = x.new_ones(()), x.new_zeros(())
     for i in range(k - 1, -1, -1):
         pre[i] = solve_scalar(_affine(z, ws[i], bs[i]), p.wu[i], one, zero, act)
-        z = _undo(z, act.fn(pre[i]), us[i], outs[i])
+        z = _add_outer(z, act.fn(pre[i]), us[i], -1, outs[i])
     return z, pre
 
 
 class _PlanarInverseRun(torch.autograd.Function):
-    """Inverse of ``K`` planar layers with an analytic backward (implicit-function gradients).
+    """Inverse of ``K`` planar layers with an analytic backward (implicit-function gradients): a shared run
+    (points ``(N, d)``, ``û, w`` ``(K, d)``, ``b, α`` ``(K,)``) or the ``E`` members of an ensemble at once
+    (points ``(E, N, d)``, ``û, w`` ``(K, E, 1, d)``, ``b, α`` ``(K, E, 1)``), the same formulas.
 
     Layer ``k`` inverted at ``y``: ``c = wᵀy + b``, ``s + α h(s) = c`` (``α = wᵀû``),
     ``z = y − û h(s)``, ``ℓ = −log(1 + α h'(s))``. With ``D = 1 + α h'(s)``, ``g`` = ∂L/∂z and
@@ -418,61 +428,24 @@ class _PlanarInverseRun(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_z: Tensor, grad_logdet: Tensor) -> tuple:
         inputs, roots, u, w, wu = ctx.saved_tensors
-        slope, d_c, grad_wu = log_slopes_grads(roots, wu, -grad_logdet, ctx.act)  # ℓ = −log D
-        factor = (slope * wu.unsqueeze(-1)).add_(1).reciprocal_()  # 1/D for now
+        n, d = inputs.shape[-2:]
+        slope, d_c, grad_wu = log_slopes_grads(  # ℓ = −log D; layers (and members) as rows
+            roots.reshape(-1, n), wu.reshape(-1), grad_logdet.neg().expand(roots.shape).reshape(-1, n), ctx.act)
+        slope, d_c = slope.view(roots.shape), d_c.view(roots.shape)
+        factor = (slope * wu.view(*roots.shape[:-1], 1)).add_(1).reciprocal_()  # 1/D for now
         d_c.mul_(factor)  # ∂L/∂c = d_c + factor gᵀû, completed in place below
         factor.mul_(slope).neg_()
         minus_hidden = -ctx.act.fn(roots)
         grad_u = torch.empty_like(u)
-        us, ws = u.unbind(0), w.unbind(0)
         g = grad_z
         for i in range(u.shape[0]):
-            d_c_i = d_c[i].addcmul_(factor[i], torch.mv(g, us[i]))
-            torch.mv(g.t(), minus_hidden[i], out=grad_u[i])
-            g = torch.addr(g, d_c_i, ws[i])
-        grad_w = weighted_sums(d_c, inputs)
-        grad_wu += weighted_sums(d_c, minus_hidden.unsqueeze(-1)).flatten()
-        return g, grad_u, grad_w, d_c.sum(1), grad_wu, None
-
-
-class _PlanarMembersInverseRun(torch.autograd.Function):
-    """:class:`_PlanarInverseRun` for the ``E`` members of an ensemble at once (points ``(E, N, d)``,
-    ``û, w`` ``(K, E, 1, d)``, ``b, α`` ``(K, E, 1)``): the same roots (:func:`_roots`) and formulas,
-    each layer's backward a few batched ops over the members whatever ``E``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, u: Tensor, w: Tensor, b: Tensor, wu: Tensor, act: Activation) -> Any:
-        inputs = x.new_empty(u.shape[0], *x.shape)
-        z, roots = _roots(x, PlanarParams(u, w, b, wu), act, inputs)
-        ctx.save_for_backward(inputs, roots, u, w, wu)
-        ctx.act = act
-        return z, -_member_log_slopes(roots, wu, act)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_z: Tensor, grad_logdet: Tensor) -> tuple:
-        inputs, roots, u, w, wu = ctx.saved_tensors
-        k, e, n = roots.shape
-        slope, d_c, grad_wu = (t.view(k, e, -1) for t in log_slopes_grads(  # ℓ = −log D
-            roots.flatten(0, 1), wu.flatten(), grad_logdet.neg().expand(k, e, n).flatten(0, 1), ctx.act))
-        factor = (slope * wu).add_(1).reciprocal_()  # 1/D for now
-        d_c.mul_(factor)  # ∂L/∂c = d_c + factor gᵀû, completed in place below
-        factor.mul_(slope).neg_()
-        minus_hidden = -ctx.act.fn(roots)
-        grad_u = torch.empty_like(u)
-        g = grad_z
-        for i in range(k):
-            d_c_i = d_c[i].addcmul_(factor[i], torch.bmm(g, u[i].transpose(-1, -2)).squeeze(-1))
-            torch.bmm(minus_hidden[i].unsqueeze(1), g, out=grad_u[i])
-            g = torch.addcmul(g, d_c_i.unsqueeze(-1), w[i])
-        grad_w = weighted_sums(d_c.flatten(0, 1), inputs.flatten(0, 1)).view_as(w)
-        grad_wu = grad_wu + (d_c * minus_hidden).sum(-1, keepdim=True)
-        return g, grad_u, grad_w, d_c.sum(-1, keepdim=True), grad_wu, None
-
-
-def _member_log_slopes(roots: Tensor, wu: Tensor, act: Activation) -> Tensor:
-    """``Σ_k log(1 + α h'(s_k))`` of an ensemble's run: roots ``(K, E, N)``, ``α`` ``(K, E, 1)`` → ``(E, N)``."""
-    return act.derivative(roots).mul_(wu).log1p_().sum(0)
+            d_c_i = d_c[i].addcmul_(factor[i], _project(g, u[i]))
+            _weigh(minus_hidden[i], g, grad_u[i])
+            g = _add_outer(g, d_c_i, w[i], 1)
+        rows = d_c.reshape(-1, n)
+        grad_w = weighted_sums(rows, inputs.reshape(-1, n, d)).view_as(w)
+        grad_wu = grad_wu.view_as(wu) + weighted_sums(rows, minus_hidden.reshape(-1, n, 1)).view_as(wu)
+        return g, grad_u, grad_w, d_c.sum(-1).view_as(wu), grad_wu, None
 
 
 @eager

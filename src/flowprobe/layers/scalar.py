@@ -76,11 +76,12 @@ def needs_grad(points: Tensor, params: Any) -> bool:
 
 # -- log-determinants Σ log(1 + α h'(pre)) ---------------------------------------------------------
 def log_slopes(pre: Tensor, alpha: Tensor, act: Activation) -> Tensor:
-    """``Σ_k log(1 + α_k h'(pre_k))`` over the first axis of pre-activations ``(K, N)``, ``α`` ``(K,)``.
+    """``Σ_k log(1 + α_k h'(pre_k))`` over the first axis of pre-activations ``(K, *B, N)``, ``α`` one value per
+    ``(K, *B)`` (shaped so, or with a trailing 1; an ensemble's ``B = (E,)``).
 
-    Computed in place on one ``(K, N)`` buffer.
+    Computed in place on one buffer of ``pre``'s shape.
     """
-    return act.derivative(pre).mul_(alpha.unsqueeze(-1)).log1p_().sum(0)
+    return act.derivative(pre).mul_(alpha.reshape(*pre.shape[:-1], 1)).log1p_().sum(0)
 
 
 def weighted_sums(weights: Tensor, points: Tensor) -> Tensor:
