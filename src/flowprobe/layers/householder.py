@@ -99,7 +99,7 @@ def reflect_all(z: Tensor, v: Tensor) -> Tensor:
             return _Reflections.apply(z, v)
         module = native.usable(z)
         if module is not None:
-            return _compiled_reflections(module, z, _unit_vectors(v))[0]
+            return _compiled_reflections(module, z, v)
     for u in _unit_vectors(v).unbind(-2):
         z = _reflect_unit(z, u)
     return z
@@ -112,50 +112,49 @@ class _Reflections(torch.autograd.Function):
     Backward (``g`` = ∂L/∂y_t, going down from ``t = m``; ``H_t`` is symmetric):
     ``∂L/∂u_t = −2 ((gᵀu_t) y_{t−1} + (y_{t−1}ᵀu_t) g)``, then ``g ← H_t g``; and
     ``∂L/∂v_t = r (∂L/∂u_t − (uᵀ∂L/∂u_t) u)/s``. The forward keeps every reflection's input; the ``u``
-    gradients are formed at once from the stacked inputs and ``g``'s. On the CPU, the reflections forward
-    and backward are one compiled call each (``runs.cpp``, the same formulas point by point).
+    gradients are formed at once from the stacked inputs and ``g``'s. On the CPU, the normalisation and the
+    reflections are one compiled call each way (``runs.cpp``, the same formulas point by point).
     """
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, v: Tensor) -> Tensor:
-        unit, scale, inverse_norm = _normalised(v)
         ctx.module = native.usable(z)
-        if ctx.module is not None:
-            z, stacked = _compiled_reflections(ctx.module, z, unit)
-        else:
-            inputs = []
-            for u in unit.unbind(-2):
-                inputs.append(z)
-                z = _reflect_unit(z, u)
-            stacked = torch.stack(inputs, -2)
-        ctx.save_for_backward(unit, stacked, scale, inverse_norm)
+        if ctx.module is not None:  # the normalisation inside, and its backward
+            m, d = v.shape[-2:]
+            y, *kept = ctx.module.reflections_forward(z.reshape(-1, d), v.reshape(-1, m, d))
+            ctx.save_for_backward(*kept)
+            ctx.v_shape = v.shape
+            return y.view(z.shape)
+        unit, scale, inverse_norm = _normalised(v)
+        inputs = []
+        for u in unit.unbind(-2):
+            inputs.append(z)
+            z = _reflect_unit(z, u)
+        ctx.save_for_backward(unit, torch.stack(inputs, -2), scale, inverse_norm)
         return z
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
-        unit, inputs, scale, inverse_norm = ctx.saved_tensors
         if ctx.module is not None:
-            m, d = unit.shape[-2:]
-            grad_z, grad_unit = ctx.module.reflections_backward(grad.reshape(-1, d), unit.reshape(-1, m, d),
-                                                                inputs.reshape(-1, m, d))
-            grad_z, grad_unit = grad_z.view(grad.shape), grad_unit.view(unit.shape)
-        else:
-            grads = []
-            for u in reversed(unit.unbind(-2)):
-                grads.append(grad)
-                grad = _reflect_unit(grad, u)
-            outs = torch.stack(grads[::-1], -2)  # ∂L/∂y_t for t = 1 … m
-            grad_z = grad
-            grad_unit = -2 * (inner(outs, unit).unsqueeze(-1) * inputs + inner(inputs, unit).unsqueeze(-1) * outs)
+            inputs, unit, factors = ctx.saved_tensors
+            grad_z, grad_v = ctx.module.reflections_backward(grad.reshape(-1, grad.shape[-1]), unit, factors, inputs)
+            return grad_z.view(grad.shape), grad_v.view(ctx.v_shape)
+        unit, inputs, scale, inverse_norm = ctx.saved_tensors
+        grads = []
+        for u in reversed(unit.unbind(-2)):
+            grads.append(grad)
+            grad = _reflect_unit(grad, u)
+        outs = torch.stack(grads[::-1], -2)  # ∂L/∂y_t for t = 1 … m
+        grad_unit = -2 * (inner(outs, unit).unsqueeze(-1) * inputs + inner(inputs, unit).unsqueeze(-1) * outs)
         tangent = torch.addcmul(grad_unit, inner(grad_unit, unit).unsqueeze(-1), unit, value=-1)
-        return grad_z, tangent.mul_(inverse_norm).div_(scale)
+        return grad, tangent.mul_(inverse_norm).div_(scale)
 
 
-def _compiled_reflections(module: ModuleType, z: Tensor, unit: Tensor) -> tuple[Tensor, Tensor]:
-    """The compiled per-point reflections (``runs.cpp``) on any leading dimensions: ``(y, every input)``."""
-    m, d = unit.shape[-2:]
-    y, inputs = module.reflections_forward(z.reshape(-1, d), unit.reshape(-1, m, d))
-    return y.view(z.shape), inputs.view(unit.shape)
+def _compiled_reflections(module: ModuleType, z: Tensor, v: Tensor) -> Tensor:
+    """The compiled per-point reflections (``runs.cpp``) of raw vectors ``v`` (normalised as
+    :func:`_normalised` does) on any leading dimensions."""
+    m, d = v.shape[-2:]
+    return module.reflections_forward(z.reshape(-1, d), v.reshape(-1, m, d))[0].view(z.shape)
 
 
 def _check_reflections(reflections: int) -> int:

@@ -697,19 +697,46 @@ at::Tensor sylvester_linear(at::Tensor w, at::Tensor r, at::Tensor r_tilde, at::
   return y;
 }
 
-// Householder reflections with per-point unit vectors (layers/householder.py, _Reflections): points z (N,d),
-// unit vectors (N,m,d); y_t = y_{t-1} - 2 (y_{t-1}.u_t) u_t, t = 1..m. Returns (y_m, inputs (N,m,d): every
-// reflection's input y_{t-1}).
-std::vector<at::Tensor> reflections_forward(at::Tensor z, at::Tensor unit) {
-  z = z.contiguous(); unit = unit.contiguous();
-  const int64_t n = z.size(0), d = z.size(1), m = unit.size(1);
+// The unit vector u = (v/s) r of a reflection vector v (d entries; layers/householder.py, _normalised): s the
+// largest |v_j| (1 for v = 0), r = 1/||v/s|| (the square norm at least the smallest normal number); factors
+// gets (s, r).
+template <typename scalar_t>
+inline void unit_vector(const scalar_t* __restrict__ v, int64_t d, scalar_t* __restrict__ u, scalar_t* __restrict__ factors) {
+  scalar_t s = 0, square = 0;
+  for (int64_t j = 0; j < d; ++j) s = std::max(s, std::abs(v[j]));
+  if (!(s > 0)) s = 1;
+  for (int64_t j = 0; j < d; ++j) {
+    const scalar_t w = v[j] / s;
+    square += w * w;
+    u[j] = w;
+  }
+  const scalar_t r = 1 / std::sqrt(std::max(square, std::numeric_limits<scalar_t>::min()));
+  for (int64_t j = 0; j < d; ++j) u[j] *= r;
+  factors[0] = s;
+  factors[1] = r;
+}
+
+// Householder reflections with per-point vectors (layers/householder.py, _Reflections): points z (N,d), raw
+// vectors v (N,m,d), normalised here (unit_vector: all of a point's first, independent of each other);
+// y_t = y_{t-1} - 2 (y_{t-1}.u_t) u_t, t = 1..m. Returns (y_m, inputs (N,m,d): every reflection's input
+// y_{t-1}, the unit vectors u (N,m,d), their factors (N,m,2): s and r).
+std::vector<at::Tensor> reflections_forward(at::Tensor z, at::Tensor v) {
+  z = z.contiguous(); v = v.contiguous();
+  const int64_t n = z.size(0), d = z.size(1), m = v.size(1);
   auto y = at::empty_like(z);
-  auto inputs = at::empty_like(unit);
+  auto inputs = at::empty_like(v);
+  auto unit = at::empty_like(v);
+  auto factors = at::empty({n, m, 2}, v.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "reflections_forward", [&] {
-    const scalar_t *zp = z.data_ptr<scalar_t>(), *up = unit.data_ptr<scalar_t>();
-    scalar_t *yp = y.data_ptr<scalar_t>(), *ip = inputs.data_ptr<scalar_t>();
+    const scalar_t *zp = z.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+    scalar_t *yp = y.data_ptr<scalar_t>(), *ip = inputs.data_ptr<scalar_t>(), *up = unit.data_ptr<scalar_t>();
+    scalar_t* fp = factors.data_ptr<scalar_t>();
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
+        for (int64_t t = 0; t < m; ++t) {
+          const int64_t at = (i * m + t) * d;
+          unit_vector(vp + at, d, up + at, fp + 2 * (i * m + t));
+        }
         scalar_t* point = yp + i * d;
         std::copy(zp + i * d, zp + (i + 1) * d, point);
         for (int64_t t = 0; t < m; ++t) {
@@ -722,19 +749,21 @@ std::vector<at::Tensor> reflections_forward(at::Tensor z, at::Tensor unit) {
       }
     });
   });
-  return {y, inputs};
+  return {y, inputs, unit, factors};
 }
 
 // Backward of reflections_forward: from g = dL/dy_m, going down t = m..1: dL/du_t = -2 ((g.u_t) y_{t-1} +
-// (y_{t-1}.u_t) g), then g <- H_t g. Returns (dL/dz, dL/dunit).
-std::vector<at::Tensor> reflections_backward(at::Tensor grad, at::Tensor unit, at::Tensor inputs) {
-  grad = grad.contiguous(); unit = unit.contiguous(); inputs = inputs.contiguous();
+// (y_{t-1}.u_t) g), dL/dv_t = r (dL/du_t - (u_t.dL/du_t) u_t)/s, then g <- H_t g. Returns (dL/dz, dL/dv).
+std::vector<at::Tensor> reflections_backward(at::Tensor grad, at::Tensor unit, at::Tensor factors,
+                                             at::Tensor inputs) {
+  grad = grad.contiguous(); unit = unit.contiguous(); factors = factors.contiguous(); inputs = inputs.contiguous();
   const int64_t n = grad.size(0), d = grad.size(1), m = unit.size(1);
   auto grad_z = at::empty_like(grad);
-  auto grad_unit = at::empty_like(unit);
+  auto grad_v = at::empty_like(unit);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "reflections_backward", [&] {
     const scalar_t *gp = grad.data_ptr<scalar_t>(), *up = unit.data_ptr<scalar_t>(), *ip = inputs.data_ptr<scalar_t>();
-    scalar_t *gz = grad_z.data_ptr<scalar_t>(), *gu = grad_unit.data_ptr<scalar_t>();
+    const scalar_t* fp = factors.data_ptr<scalar_t>();
+    scalar_t *gz = grad_z.data_ptr<scalar_t>(), *gv = grad_v.data_ptr<scalar_t>();
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* g = gz + i * d;
@@ -746,14 +775,21 @@ std::vector<at::Tensor> reflections_backward(at::Tensor grad, at::Tensor unit, a
             gu_dot += g[j] * u[j];
             yu_dot += y[j] * u[j];
           }
-          scalar_t* out = gu + (i * m + t) * d;
-          for (int64_t j = 0; j < d; ++j) out[j] = -2 * (gu_dot * y[j] + yu_dot * g[j]);
+          scalar_t* out = gv + (i * m + t) * d;
+          for (int64_t j = 0; j < d; ++j) out[j] = -2 * (gu_dot * y[j] + yu_dot * g[j]);  // dL/du_t
           for (int64_t j = 0; j < d; ++j) g[j] -= 2 * gu_dot * u[j];
+        }
+        for (int64_t t = 0; t < m; ++t) {  // the normalisation's backward, each vector on its own
+          const scalar_t *u = up + (i * m + t) * d, scale = fp[2 * (i * m + t)], inverse_norm = fp[2 * (i * m + t) + 1];
+          scalar_t* out = gv + (i * m + t) * d;
+          scalar_t along = 0;
+          for (int64_t j = 0; j < d; ++j) along += out[j] * u[j];
+          for (int64_t j = 0; j < d; ++j) out[j] = (out[j] - along * u[j]) * inverse_norm / scale;
         }
       }
     });
   });
-  return {grad_z, grad_unit};
+  return {grad_z, grad_v};
 }
 
 // Radial run x <- x + beta_k h (x - z0_k), h = 1/(alpha_k + |x - z0_k|).
@@ -872,7 +908,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_bytes", &vector_bytes, "vector width of the planar and Sylvester kernels (bytes)");
   m.def("sylvester_newton", &sylvester_newton, "tanh Sylvester layer inverse, back-substitution");
   m.def("sylvester_linear", &sylvester_linear, "Sylvester layer Jacobian solve, back-substitution");
-  m.def("reflections_forward", &reflections_forward, "per-point Householder reflections, forward");
+  m.def("reflections_forward", &reflections_forward, "per-point Householder reflections of raw vectors, forward");
   m.def("reflections_backward", &reflections_backward, "per-point Householder reflections, backward");
   m.def("radial_forward", &radial_forward, "radial run, forward");
   m.def("radial_backward", &radial_backward, "radial run, backward");

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from flowprobe.io import CorruptFileError, load_state, load_tensors, read_json
+from flowprobe.optim import FlatAdamax
 from flowprobe.rundir import META, RunWriter, new_run_id
 from flowprobe.vae.data import BinaryImages
 from flowprobe.vae.distributed import Distributed, RankFailedError
@@ -54,7 +55,7 @@ __all__ = ["DTYPES", "OPTIMISERS", "TEST_SEED", "TrainedVAE", "VAEConfig", "buil
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 OPTIMISERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamax": lambda params, lr: torch.optim.Adamax(params, lr=lr, eps=1e-7, foreach=True),  # van den Berg et al.
+    "adamax": lambda params, lr: FlatAdamax(params, lr=lr, eps=1e-7),  # van den Berg et al.; torch's Adamax, flat
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr, foreach=True),
 }
 CHECKPOINT_FORMAT = 1
