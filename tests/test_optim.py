@@ -100,9 +100,18 @@ def test_what_the_flat_step_does_not_cover_takes_adamax_step(settings: dict, ski
     _train(model, opt, range(12), skip)
     _train(reference, ref_opt, range(12), skip)
     _assert_same(model, reference, opt, ref_opt)
-    assert float(opt.state[model.matrix]["step"]) == 12.0
-    if skip is not None:  # skipped at steps 1, 4, 7, 10: four steps fewer, the others back on the flat path
-        assert float(opt.state[model.cube]["step"]) == 8.0
+    for o in (opt, ref_opt):  # a setting changed between steps: weight decay on, then off again
+        o.param_groups[0]["weight_decay"] = 0.05
+    _train(model, opt, range(12, 14), skip)
+    _train(reference, ref_opt, range(12, 14), skip)
+    for o in (opt, ref_opt):
+        o.param_groups[0]["weight_decay"] = 0.0
+    _train(model, opt, range(14, 16), skip)
+    _train(reference, ref_opt, range(14, 16), skip)
+    _assert_same(model, reference, opt, ref_opt)
+    assert float(opt.state[model.matrix]["step"]) == 16.0
+    if skip is not None:  # skipped at steps 1, 4, 7, 10, 13: five steps fewer
+        assert float(opt.state[model.cube]["step"]) == 11.0
 
 
 def test_parameter_groups_each_take_their_own_flat_step() -> None:

@@ -111,22 +111,20 @@ class FlatAdamax(torch.optim.Adamax):
     def _flat_group(self, index: int, group: dict[str, Any]) -> _FlatGroup | None:
         """The group's flat buffers if the flat step covers it (class docstring), else ``None``."""
         params: list[Tensor] = group["params"]
+        if (not params or group["weight_decay"] != 0 or group["maximize"] or group["differentiable"]
+                or group["capturable"] or any(p.grad is None or p.grad.is_sparse for p in params)):
+            return None
         flat = self._flat.get(index)
         if flat is not None and flat.holds(params, self.state):
-            return flat if all(p.grad is not None for p in params) else None
-        self._flat.pop(index, None)
-        if (not params or group["weight_decay"] != 0 or group["maximize"] or group["differentiable"]
-                or group["capturable"]):
-            return None
+            return flat
         first = params[0]
-        if any(p.grad is None or p.grad.is_sparse or p.is_complex() or p.dtype != first.dtype
-               or p.device != first.device for p in params):
+        if any(p.is_complex() or p.dtype != first.dtype or p.device != first.device for p in params):
             return None
         started = [len(self.state[p]) > 0 for p in params]
         if any(started) and not all(started):
             return None
         steps = {float(self.state[p]["step"]) for p in params} if all(started) else {0.0}
-        if len(steps) != 1 or not float(next(iter(steps))).is_integer():
+        if len(steps) != 1 or not next(iter(steps)).is_integer():
             return None
         self._flat[index] = _FlatGroup(params, self.state, int(next(iter(steps))))
         return self._flat[index]
