@@ -49,17 +49,16 @@ class _FlatGroup:
             step = state[p]["step"] if steps else torch.tensor(0.0, dtype=_STEP_DTYPE.get(torch.get_default_dtype(),
                                                                                               torch.float32))
             state[p].update(step=step, exp_avg=avg, exp_inf=inf)
-        self.views = [(state[p]["exp_avg"], state[p]["exp_inf"]) for p in params]
+        self.views = [(state[p]["step"], state[p]["exp_avg"], state[p]["exp_inf"]) for p in params]
         self.steps = [state[p]["step"] for p in params]
         self.one = torch.ones_like(self.steps[0])  # a tensor: the CPU loop of _foreach_add_ wraps a number each time
-        self.count = steps
 
     def holds(self, params: list[Tensor], state: dict[Tensor, dict[str, Any]]) -> bool:
         """Whether these buffers are still the group's state (not replaced by ``load_state_dict``)."""
         if len(params) != len(self.params) or any(p is not q for p, q in zip(params, self.params, strict=True)):
             return False
-        return all(state[p].get("exp_avg") is avg and state[p].get("exp_inf") is inf
-                   for p, (avg, inf) in zip(params, self.views, strict=True))
+        return all(state[p].get("step") is step and state[p].get("exp_avg") is avg and state[p].get("exp_inf") is inf
+                   for p, (step, avg, inf) in zip(params, self.views, strict=True))
 
 
 class FlatAdamax(torch.optim.Adamax):
@@ -134,10 +133,9 @@ class FlatAdamax(torch.optim.Adamax):
         beta1, beta2 = group["betas"]
         torch._foreach_copy_(flat.grads, [p.grad for p in flat.params])
         torch._foreach_add_(flat.steps, flat.one, alpha=1.0)
-        flat.count += 1
         flat.exp_avg.lerp_(flat.grad, 1 - beta1)
         flat.exp_inf.mul_(beta2)
         torch.maximum(flat.exp_inf, flat.grad.abs_().add_(group["eps"]), out=flat.exp_inf)
-        step_size = -float(group["lr"]) / (1 - beta1**flat.count)
+        step_size = -float(group["lr"]) / (1 - beta1 ** float(flat.steps[0]))  # as Adamax reads it
         torch.mul(flat.exp_avg, step_size, out=flat.update).div_(flat.exp_inf)
         torch._foreach_add_(flat.params, flat.updates)

@@ -99,7 +99,7 @@ def reflect_all(z: Tensor, v: Tensor) -> Tensor:
             return _Reflections.apply(z, v)
         module = native.usable(z)
         if module is not None:
-            return _compiled_reflections(module, z, v)
+            return _compiled_reflections(module, z, v)[0]
     for u in _unit_vectors(v).unbind(-2):
         z = _reflect_unit(z, u)
     return z
@@ -120,11 +120,10 @@ class _Reflections(torch.autograd.Function):
     def forward(ctx: Any, z: Tensor, v: Tensor) -> Tensor:
         ctx.module = native.usable(z)
         if ctx.module is not None:  # the normalisation inside, and its backward
-            m, d = v.shape[-2:]
-            y, *kept = ctx.module.reflections_forward(z.reshape(-1, d), v.reshape(-1, m, d))
+            y, kept = _compiled_reflections(ctx.module, z, v)
             ctx.save_for_backward(*kept)
             ctx.v_shape = v.shape
-            return y.view(z.shape)
+            return y
         unit, scale, inverse_norm = _normalised(v)
         inputs = []
         for u in unit.unbind(-2):
@@ -150,11 +149,13 @@ class _Reflections(torch.autograd.Function):
         return grad, tangent.mul_(inverse_norm).div_(scale)
 
 
-def _compiled_reflections(module: ModuleType, z: Tensor, v: Tensor) -> Tensor:
+def _compiled_reflections(module: ModuleType, z: Tensor, v: Tensor) -> tuple[Tensor, list[Tensor]]:
     """The compiled per-point reflections (``runs.cpp``) of raw vectors ``v`` (normalised as
-    :func:`_normalised` does) on any leading dimensions."""
+    :func:`_normalised` does) on any leading dimensions: ``y`` and what the backward needs (every
+    reflection's input, the unit vectors and their factors ``s, r``, flattened to ``(-1, m, …)``)."""
     m, d = v.shape[-2:]
-    return module.reflections_forward(z.reshape(-1, d), v.reshape(-1, m, d))[0].view(z.shape)
+    y, *kept = module.reflections_forward(z.reshape(-1, d), v.reshape(-1, m, d))
+    return y.view(z.shape), kept
 
 
 def _check_reflections(reflections: int) -> int:
