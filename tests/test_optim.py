@@ -114,6 +114,19 @@ def test_what_the_flat_step_does_not_cover_takes_adamax_step(settings: dict, ski
         assert float(opt.state[model.cube]["step"]) == 11.0
 
 
+def test_a_group_of_mixed_dtypes_takes_adamax_step() -> None:
+    model, reference = Params(torch.float64), Params(torch.float64)
+    for m in (model, reference):
+        m.vector.data = m.vector.data.float()  # one float32 parameter among float64 ones
+    opt = FlatAdamax(model.parameters(), lr=1e-2, eps=1e-7)
+    ref_opt = torch.optim.Adamax(reference.parameters(), lr=1e-2, eps=1e-7, foreach=True)
+    _train(model, opt, range(6))
+    _train(reference, ref_opt, range(6))
+    assert not opt._flat
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
 def test_parameter_groups_each_take_their_own_flat_step() -> None:
     model, reference = Params(torch.float64), Params(torch.float64)
 

@@ -67,7 +67,8 @@ class FlatAdamax(torch.optim.Adamax):
     The update is :class:`torch.optim.Adamax`'s, for gradient ``g`` at step ``t``:
     ``m ← m + (1 − β₁)(g − m)``, ``u ← max(β₂ u, |g| + ε)``, ``θ ← θ − (lr/(1 − β₁ᵗ)) m/u``; only the
     layout differs: ``m``, ``u``, the gradients and the update of a group are views of four contiguous
-    buffers, so that a step is a dozen operations whatever the number of tensors. The state dict is
+    buffers (two more than Adamax keeps: the gathered gradients and the update, each the size of the
+    group's parameters), so that a step is a dozen operations whatever the number of tensors. The state dict is
     Adamax's (per parameter ``step``, ``exp_avg``, ``exp_inf``): checkpoints move between the two, and
     after :meth:`load_state_dict` the buffers are rebuilt from the loaded state. Groups the flat step
     does not cover — weight decay, ``maximize``, complex or sparse parameters, a parameter without a
