@@ -89,7 +89,8 @@ class NativeRun(torch.autograd.Function):
     """A compiled run as an autograd Function: ``forward(kind, module, code, z, *params)``.
 
     ``kind`` is ``"planar"`` (points ``(N, d)``, params ``u, w`` ``(K, d)``, ``b, α`` ``(K,)``; or the runs
-    of ``E`` members at once: points ``(E, N, d)``, params ``(K, E[, 1], d)``, ``(K, E[, 1])``) or ``"radial"`` (points
+    of ``E`` members at once: points ``(E, N, d)``, params ``(K, E[, 1], d)``, ``(K, E[, 1])``; or one
+    parameter set per point: points ``(N, d)``, params ``(K, N, d)``, ``(K, N)``) or ``"radial"`` (points
     ``(N, d)``, params ``z0, α, β``); the forward keeps every layer's input (and, for planar,
     pre-activation, or for tanh its value) for the backward.
     """

@@ -161,6 +161,10 @@ class Planar(FlowLayer):
                 if module is not None:  # it reads (K, E, 1, d) as (K, E, d): the same memory
                     return native.NativeRun.apply("planar", module, self.act.native, z, *p)
                 return _PlanarMembersRun.apply(z, *(t.squeeze(2) for t in p), self.act)
+            if _per_point(z, p) and needs_grad(z, p) and fused_kernels_allowed():
+                module = self._compiled_kernels(z)
+                if module is not None:  # each point's parameters in its lane of the kernel's blocks
+                    return native.NativeRun.apply("planar", module, self.act.native, z, *p)
             return super().forward_run(z, p)
         if not needs_grad(z, p):
             return _forward_eval(z, p, self.act)
@@ -294,6 +298,15 @@ def _members(z: Tensor, p: PlanarParams) -> bool:
         return False
     members = (p.u.shape[0], z.shape[0], 1)
     return p.u.shape == p.w.shape == (*members, z.shape[-1]) and p.b.shape == p.wu.shape == members
+
+
+def _per_point(z: Tensor, p: PlanarParams) -> bool:
+    """Whether ``p`` (run layout) holds one parameter set per point of ``z`` ``(N, d)`` (an amortised
+    flow, e.g. a VAE's posterior): ``û, w`` ``(K, N, d)``, ``b, α`` ``(K, N)``."""
+    if z.dim() != 2:
+        return False
+    points = (p.u.shape[0], z.shape[0])
+    return p.u.shape == p.w.shape == (*points, z.shape[-1]) and p.b.shape == p.wu.shape == points
 
 
 class _PlanarMembersRun(torch.autograd.Function):

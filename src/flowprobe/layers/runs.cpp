@@ -252,7 +252,8 @@ FLOWPROBE_INLINE void derivatives_block(int act, const Block<T, B>& kept, Block<
   d2 = T(-2) * (h * d1);
 }
 
-// A planar run's arrays: points (E,N,d), u, w (K,E,d), b, wu (K,E); saved per layer, in blocks of LANES
+// A planar run's arrays: points (E,N,d), u, w (K,E,d), b, wu (K,E) — or, per point (P), one parameter set per
+// lane in the block layout (B,K,d,LANES), (B,K,LANES) (points_to_lanes); saved per layer, in blocks of LANES
 // points (N padded to B blocks): its inputs (E,B,K,d,LANES), coordinate-major, and what activate_block
 // keeps (E,B,K,LANES). A block's K layers are contiguous: the forward writes, and the backward reads, one
 // stretch of memory per block (layer-major, the stores of a block were a page apart and cost a third of
@@ -264,7 +265,22 @@ struct PlanarArrays {
   T *inputs, *kept;
   T* input(int64_t l, int64_t m, int64_t block) const { return inputs + ((m * blocks + block) * k + l) * d * LANES; }
   T* keep(int64_t l, int64_t m, int64_t block) const { return kept + ((m * blocks + block) * k + l) * LANES; }
+  // Layer l's vector parameters (coordinate j at j * stride<P>) and scalar ones, of member m or of the block.
+  template <bool P> const T* vector(const T* p, int64_t l, int64_t m, int64_t block) const {
+    return P ? p + (block * k + l) * d * LANES : p + (l * e + m) * d;
+  }
+  template <bool P> const T* scalar(const T* p, int64_t l, int64_t m, int64_t block) const {
+    return P ? p + (block * k + l) * LANES : p + l * e + m;
+  }
+  template <bool P> static constexpr int64_t stride() { return P ? LANES : 1; }
 };
+
+// A parameter as a block of lanes: one value for every lane, or (per point) a value per lane.
+template <typename T, int B, bool P>
+FLOWPROBE_INLINE Block<T, B> lanes(const T* p) {
+  if constexpr (P) return Block<T, B>::from(p);
+  else return Block<T, B>::fill(*p);
+}
 
 // The log-det terms of `count` layers, sum_i log(1 + t_i). In float32 one log of their product where every
 // lane's product lies in [1e-30, 1e30] (a float32 log per layer costs as much as the rest of the layer);
@@ -290,83 +306,97 @@ FLOWPROBE_INLINE Block<T, B> log_det_terms(const Block<T, B>* t, int64_t count) 
 
 // One block through the K layers: reads its points from input(0, ...), writes every later layer's input,
 // the last layer's output to `out` (d,LANES) and the log-det to `logdet` (LANES).
-template <typename T, int B>
+template <typename T, int B, bool P>
 FLOWPROBE_INLINE void planar_block_forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out,
                                            T* logdet) {
   using Lanes = Block<T, B>;
-  constexpr int64_t GROUP = 4;  // layers per log of a product
+  constexpr int64_t GROUP = 4, S = PlanarArrays<T>::template stride<P>();  // layers per log of a product
   const int64_t d = r.d;
   Lanes ld = Lanes::fill(0), h, d1, keep, terms[GROUP];
   for (int64_t l = 0; l < r.k; ++l) {
-    const int64_t layer = l * r.e + m;
-    const T *ul = r.u + layer * d, *wl = r.w + layer * d, *x = r.input(l, m, block);
+    const T *ul = r.template vector<P>(r.u, l, m, block), *wl = r.template vector<P>(r.w, l, m, block);
+    const T* x = r.input(l, m, block);
     T* next = l + 1 < r.k ? r.input(l + 1, m, block) : out;
-    Lanes s = Lanes::fill(r.b[layer]);
-    for (int64_t j = 0; j < d; ++j) s = s + wl[j] * Lanes::from(x + j * LANES);
+    Lanes s = lanes<T, B, P>(r.template scalar<P>(r.b, l, m, block));
+    for (int64_t j = 0; j < d; ++j) s = s + lanes<T, B, P>(wl + j * S) * Lanes::from(x + j * LANES);
     activate_block(act, s, h, d1, keep);
     keep.to(r.keep(l, m, block));
-    for (int64_t j = 0; j < d; ++j) (Lanes::from(x + j * LANES) + ul[j] * h).to(next + j * LANES);
-    terms[l % GROUP] = r.wu[layer] * d1;
+    for (int64_t j = 0; j < d; ++j) (Lanes::from(x + j * LANES) + lanes<T, B, P>(ul + j * S) * h).to(next + j * LANES);
+    terms[l % GROUP] = lanes<T, B, P>(r.template scalar<P>(r.wu, l, m, block)) * d1;
     if (l % GROUP == GROUP - 1 || l == r.k - 1) ld = ld + log_det_terms(terms, l % GROUP + 1);
   }
   ld.to(logdet);
 }
 
 // One block backward through the K layers: g (d,LANES) holds dL/dx on entry and dL/dz on exit; the block's
-// parameter gradients (of its member) are added to grad_u, grad_w (K,d), grad_b, grad_wu (K).
-template <typename T, int B>
+// parameter gradients (of its member) are added to grad_u, grad_w (K,d), grad_b, grad_wu (K) — or, per point
+// (P), written lane by lane to grad_u, grad_w (K,d,LANES), grad_b, grad_wu (K,LANES).
+template <typename T, int B, bool P>
 FLOWPROBE_INLINE void planar_block_backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* g,
                                             const T* lam_in, T* grad_u, T* grad_w, T* grad_b, T* grad_wu) {
   using Lanes = Block<T, B>;
+  constexpr int64_t S = PlanarArrays<T>::template stride<P>();
   const int64_t d = r.d;
   const Lanes lam = Lanes::from(lam_in);
   Lanes h, d1, d2;
   for (int64_t l = r.k - 1; l >= 0; --l) {
-    const int64_t layer = l * r.e + m;
-    const T *ul = r.u + layer * d, *wl = r.w + layer * d, *x = r.input(l, m, block), a = r.wu[layer];
+    const T *ul = r.template vector<P>(r.u, l, m, block), *wl = r.template vector<P>(r.w, l, m, block);
+    const T* x = r.input(l, m, block);
+    const Lanes a = lanes<T, B, P>(r.template scalar<P>(r.wu, l, m, block));
     derivatives_block(act, Lanes::from(r.keep(l, m, block)), h, d1, d2);
     const Lanes weight = lam / (T(1) + a * d1);
     Lanes d_pre = a * (weight * d2);
-    for (int64_t j = 0; j < d; ++j) d_pre = d_pre + ul[j] * (d1 * Lanes::from(g + j * LANES));
-    grad_b[l] += d_pre.sum();
-    grad_wu[l] += (weight * d1).sum();
+    for (int64_t j = 0; j < d; ++j) d_pre = d_pre + lanes<T, B, P>(ul + j * S) * (d1 * Lanes::from(g + j * LANES));
+    if constexpr (P) {
+      d_pre.to(grad_b + l * LANES);
+      (weight * d1).to(grad_wu + l * LANES);
+    } else {
+      grad_b[l] += d_pre.sum();
+      grad_wu[l] += (weight * d1).sum();
+    }
     for (int64_t j = 0; j < d; ++j) {
       const Lanes gj = Lanes::from(g + j * LANES);
-      grad_u[l * d + j] += (h * gj).sum();
-      grad_w[l * d + j] += (d_pre * Lanes::from(x + j * LANES)).sum();
-      (gj + wl[j] * d_pre).to(g + j * LANES);
+      if constexpr (P) {
+        (h * gj).to(grad_u + (l * d + j) * LANES);
+        (d_pre * Lanes::from(x + j * LANES)).to(grad_w + (l * d + j) * LANES);
+      } else {
+        grad_u[l * d + j] += (h * gj).sum();
+        grad_w[l * d + j] += (d_pre * Lanes::from(x + j * LANES)).sum();
+      }
+      (gj + lanes<T, B, P>(wl + j * S) * d_pre).to(g + j * LANES);
     }
   }
 }
 
-// The block functions compiled for 16-byte vectors and, on x86-64, for AVX2's 32-byte ones (with FMA).
-template <typename T>
+// The block functions compiled for 16-byte vectors and, on x86-64, for AVX2's 32-byte ones (with FMA); P:
+// per-point parameters.
+template <typename T, bool P>
 struct PlanarBlocks {
   static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out, T* logdet) {
-    planar_block_forward<T, 16>(r, act, m, block, out, logdet);
+    planar_block_forward<T, 16, P>(r, act, m, block, out, logdet);
   }
   static void backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* g, const T* lam, T* gu,
                        T* gw, T* gb, T* ga) {
-    planar_block_backward<T, 16>(r, act, m, block, g, lam, gu, gw, gb, ga);
+    planar_block_backward<T, 16, P>(r, act, m, block, g, lam, gu, gw, gb, ga);
   }
 };
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-template <typename T>
+template <typename T, bool P>
 struct PlanarBlocksAVX2 {
   __attribute__((target("avx2,fma"))) static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block,
                                                        T* out, T* logdet) {
-    planar_block_forward<T, 32>(r, act, m, block, out, logdet);
+    planar_block_forward<T, 32, P>(r, act, m, block, out, logdet);
   }
   __attribute__((target("avx2,fma"))) static void backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block,
                                                         T* g, const T* lam, T* gu, T* gw, T* gb, T* ga) {
-    planar_block_backward<T, 32>(r, act, m, block, g, lam, gu, gw, gb, ga);
+    planar_block_backward<T, 32, P>(r, act, m, block, g, lam, gu, gw, gb, ga);
   }
 };
 int vector_width = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 32 : 16;  // bytes; vector_bytes() may lower it
 int widest = vector_width;
 #else
-template <typename T> using PlanarBlocksAVX2 = PlanarBlocks<T>;
+template <typename T, bool P> using PlanarBlocksAVX2 = PlanarBlocks<T, P>;
 int vector_width = 16, widest = 16;
 #endif
 
@@ -404,23 +434,68 @@ int64_t vector_bytes(int64_t bytes) {
   return vector_width;
 }
 
+// Per-point parameters (K,N,c) as blocks of lanes (B,K,c,LANES), and back (padding lanes: 0, dropped).
+template <typename T>
+void points_to_lanes(const T* from, int64_t k, int64_t n, int64_t c, T* to) {
+  const int64_t blocks = (n + LANES - 1) / LANES;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block)
+      for (int64_t l = 0; l < k; ++l)
+        for (int64_t j = 0; j < c; ++j) {
+          T* lane = to + ((block * k + l) * c + j) * LANES;
+          for (int64_t i = 0; i < LANES; ++i) {
+            const int64_t point = block * LANES + i;
+            lane[i] = point < n ? from[(l * n + point) * c + j] : T(0);
+          }
+        }
+  });
+}
+
+template <typename T>
+void lanes_to_points(const T* from, int64_t k, int64_t n, int64_t c, T* to) {
+  at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t l = begin; l < end; ++l)
+      for (int64_t point = 0; point < n; ++point)
+        for (int64_t j = 0; j < c; ++j)
+          to[(l * n + point) * c + j] = from[(((point / LANES) * k + l) * c + j) * LANES + point % LANES];
+  });
+}
+
+// Whether a planar run has one parameter set per point: z (N,d) with u (K,N,d).
+static bool per_point(const at::Tensor& z, const at::Tensor& u) { return z.dim() == 2 && u.dim() == 3; }
+
 // Planar runs x <- x + u_k h(w_k.x + b_k), k = 0..K-1, of E members: z (E,N,d), u, w (K,E,d), b, wu (K,E);
-// or of one flow: z (N,d), u, w (K,d), b, wu (K). Returns (x, logdet (E,N) or (N), inputs, kept), the last
-// two in the block layout of PlanarArrays.
+// of one flow: z (N,d), u, w (K,d), b, wu (K); or with one parameter set per point: z (N,d), u, w (K,N,d),
+// b, wu (K,N). Returns (x, logdet (E,N) or (N), inputs, kept), the last two in the block layout of
+// PlanarArrays.
 std::vector<at::Tensor> planar_forward(at::Tensor z, at::Tensor u, at::Tensor w, at::Tensor b, at::Tensor wu,
                                        int64_t act) {
   z = z.contiguous(); u = u.contiguous(); w = w.contiguous(); b = b.contiguous(); wu = wu.contiguous();
+  const bool points = per_point(z, u);
   const int64_t e = z.dim() == 3 ? z.size(0) : 1, n = z.size(-2), d = z.size(-1), k = u.size(0);
   const int64_t blocks = (n + LANES - 1) / LANES;
   auto x = at::empty_like(z);
   auto logdet = at::empty(z.sizes().slice(0, z.dim() - 1), z.options());
   auto inputs = at::empty({e, blocks, k, d, LANES}, z.options());
   auto kept = at::empty({e, blocks, k, LANES}, z.options());
+  if (points) {  // the parameters in the lanes of their points
+    auto lanes_u = at::empty({blocks, k, d, LANES}, z.options()), lanes_w = at::empty_like(lanes_u);
+    auto lanes_b = at::empty({blocks, k, 1, LANES}, z.options()), lanes_wu = at::empty_like(lanes_b);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "planar_forward", [&] {
+      points_to_lanes(u.data_ptr<scalar_t>(), k, n, d, lanes_u.data_ptr<scalar_t>());
+      points_to_lanes(w.data_ptr<scalar_t>(), k, n, d, lanes_w.data_ptr<scalar_t>());
+      points_to_lanes(b.data_ptr<scalar_t>(), k, n, 1, lanes_b.data_ptr<scalar_t>());
+      points_to_lanes(wu.data_ptr<scalar_t>(), k, n, 1, lanes_wu.data_ptr<scalar_t>());
+    });
+    u = lanes_u; w = lanes_w; b = lanes_b; wu = lanes_wu;
+  }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "planar_forward", [&] {
     const PlanarArrays<scalar_t> r{e, n, d, k, blocks, u.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                    b.data_ptr<scalar_t>(), wu.data_ptr<scalar_t>(), inputs.data_ptr<scalar_t>(),
                                    kept.data_ptr<scalar_t>()};
-    const auto run = vector_width == 32 ? PlanarBlocksAVX2<scalar_t>::forward : PlanarBlocks<scalar_t>::forward;
+    const bool avx2 = vector_width == 32;
+    const auto run = points ? (avx2 ? PlanarBlocksAVX2<scalar_t, true>::forward : PlanarBlocks<scalar_t, true>::forward)
+                            : (avx2 ? PlanarBlocksAVX2<scalar_t, false>::forward : PlanarBlocks<scalar_t, false>::forward);
     const scalar_t* zp = z.data_ptr<scalar_t>();
     scalar_t *xp = x.data_ptr<scalar_t>(), *lp = logdet.data_ptr<scalar_t>();
     for_blocks(e, blocks, [&](int64_t m, int64_t block) {
@@ -438,36 +513,66 @@ std::vector<at::Tensor> planar_forward(at::Tensor z, at::Tensor u, at::Tensor w,
 
 // Backward of planar_forward: (grad_z, grad_u, grad_w, grad_b, grad_wu). Each block's parameter gradients
 // go to a slot of their own and are summed over the blocks in order, so that the result does not depend
-// on the number of threads and a member of an ensemble gets exactly the gradients of its solo run.
+// on the number of threads and a member of an ensemble gets exactly the gradients of its solo run. With
+// per-point parameters, each lane's gradients are its point's, written back to (K,N,d), (K,N).
 std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logdet, at::Tensor inputs, at::Tensor kept,
                                         at::Tensor u, at::Tensor w, at::Tensor wu, int64_t act) {
   grad_x = grad_x.contiguous(); grad_logdet = grad_logdet.contiguous(); u = u.contiguous(); w = w.contiguous();
   wu = wu.contiguous();
+  const bool points = per_point(grad_x, u);
   const int64_t e = inputs.size(0), blocks = inputs.size(1), k = inputs.size(2), d = inputs.size(3);
   const int64_t n = grad_x.size(-2), width = k * (2 * d + 2);  // a block's slot: u, w (K,d), b, wu (K)
+  const int64_t lanes_per_slot = points ? LANES : 1;
   auto grad_z = at::empty_like(grad_x);
-  std::vector<at::Tensor> out;
+  auto grad_u = at::empty_like(u), grad_w = at::empty_like(w), grad_b = at::empty_like(wu), grad_wu = at::empty_like(wu);
+  at::Tensor param_u = u, param_w = w, param_wu = wu;
+  if (points) {
+    param_u = at::empty({blocks, k, d, LANES}, u.options()); param_w = at::empty_like(param_u);
+    param_wu = at::empty({blocks, k, 1, LANES}, u.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "planar_backward", [&] {
-    const PlanarArrays<scalar_t> r{e, n, d, k, blocks, u.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), nullptr,
-                                   wu.data_ptr<scalar_t>(), inputs.data_ptr<scalar_t>(), kept.data_ptr<scalar_t>()};
-    const auto run = vector_width == 32 ? PlanarBlocksAVX2<scalar_t>::backward : PlanarBlocks<scalar_t>::backward;
-    std::vector<scalar_t> slots(e * blocks * width, 0);
+    if (points) {
+      points_to_lanes(u.data_ptr<scalar_t>(), k, n, d, param_u.data_ptr<scalar_t>());
+      points_to_lanes(w.data_ptr<scalar_t>(), k, n, d, param_w.data_ptr<scalar_t>());
+      points_to_lanes(wu.data_ptr<scalar_t>(), k, n, 1, param_wu.data_ptr<scalar_t>());
+    }
+    const PlanarArrays<scalar_t> r{e, n, d, k, blocks, param_u.data_ptr<scalar_t>(), param_w.data_ptr<scalar_t>(),
+                                   nullptr, param_wu.data_ptr<scalar_t>(), inputs.data_ptr<scalar_t>(),
+                                   kept.data_ptr<scalar_t>()};
+    const bool avx2 = vector_width == 32;
+    const auto run = points ? (avx2 ? PlanarBlocksAVX2<scalar_t, true>::backward : PlanarBlocks<scalar_t, true>::backward)
+                            : (avx2 ? PlanarBlocksAVX2<scalar_t, false>::backward : PlanarBlocks<scalar_t, false>::backward);
+    std::vector<scalar_t> slots(e * blocks * width * lanes_per_slot, 0);
     const scalar_t *gx = grad_x.data_ptr<scalar_t>(), *gl = grad_logdet.data_ptr<scalar_t>();
     scalar_t* gz = grad_z.data_ptr<scalar_t>();
     for_blocks(e, blocks, [&](int64_t m, int64_t block) {
-      scalar_t* slot = slots.data() + (m * blocks + block) * width;
+      scalar_t* slot = slots.data() + (m * blocks + block) * width * lanes_per_slot;
+      const int64_t span = lanes_per_slot;
       std::vector<scalar_t> g(d * LANES);
       scalar_t lam[LANES] = {};  // padding lanes: no gradient, so they add nothing
       const int64_t start = block * LANES, count = std::min(LANES, n - start);
       gather_block(gx + m * n * d, n, d, start, g.data());
       std::copy(gl + m * n + start, gl + m * n + start + count, lam);
-      run(r, static_cast<int>(act), m, block, g.data(), lam, slot, slot + k * d, slot + 2 * k * d,
-          slot + 2 * k * d + k);
+      run(r, static_cast<int>(act), m, block, g.data(), lam, slot, slot + k * d * span, slot + 2 * k * d * span,
+          slot + (2 * k * d + k) * span);
       scatter_block(g.data(), n, d, start, gz + m * n * d);
     });
-    auto grad_u = at::empty_like(u), grad_w = at::empty_like(w), grad_b = at::empty_like(wu), grad_wu = at::empty_like(wu);
     scalar_t *gu = grad_u.data_ptr<scalar_t>(), *gw = grad_w.data_ptr<scalar_t>(), *gb = grad_b.data_ptr<scalar_t>(),
              *ga = grad_wu.data_ptr<scalar_t>();
+    if (points) {  // slot of a block: u, w (K,d,LANES), b, wu (K,LANES); gathered per array into (B,K,c,LANES)
+      std::vector<scalar_t> gathered(blocks * k * d * LANES);
+      const auto back = [&](int64_t offset, int64_t c, scalar_t* to) {
+        for (int64_t block = 0; block < blocks; ++block)
+          std::copy_n(slots.data() + (block * width + offset) * LANES, k * c * LANES,
+                      gathered.data() + block * k * c * LANES);
+        lanes_to_points(gathered.data(), k, n, c, to);
+      };
+      back(0, d, gu);
+      back(k * d, d, gw);
+      back(2 * k * d, 1, gb);
+      back(2 * k * d + k, 1, ga);
+      return;
+    }
     at::parallel_for(0, e, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> total(width);
       for (int64_t m = begin; m < end; ++m) {
@@ -485,9 +590,8 @@ std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logde
         }
       }
     });
-    out = {grad_z, grad_u, grad_w, grad_b, grad_wu};
   });
-  return out;
+  return {grad_z, grad_u, grad_w, grad_b, grad_wu};
 }
 
 // Sylvester back-substitutions: one layer of a shared Sylvester run in the coordinates c = Q^T y, points in
