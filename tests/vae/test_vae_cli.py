@@ -95,7 +95,7 @@ def test_the_speed_benchmark_compares_equal_models():
     from flowprobe.vae.model import FlowVAE
     from flowprobe.validation import validation
 
-    for spec in vae_speed.CASES.values():
+    for spec in [*vae_speed.CASES.values(), vae_speed.PLAIN]:
         torch.manual_seed(0)
         ours = FlowVAE(64, 4, 16, 2, spec).double()
         if ours.head is not None:
