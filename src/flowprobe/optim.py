@@ -17,7 +17,9 @@ from torch import Tensor
 
 __all__ = ["FlatAdamax"]
 
-_STEP_DTYPE = {torch.float64: torch.float64}  # Adamax's step counters: float64 under a float64 default, else float32
+def _step_dtype() -> torch.dtype:
+    """Adamax's step counters: float64 under a float64 default dtype, else float32."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _adamax_step(optimiser: torch.optim.Adamax) -> None:
@@ -46,11 +48,10 @@ class _FlatGroup:
         (self.exp_avg, exp_avgs), (self.exp_inf, exp_infs) = buffer("exp_avg"), buffer("exp_inf")
         (self.grad, self.grads), (self.update, self.updates) = buffer(None), buffer(None)
         for p, avg, inf in zip(params, exp_avgs, exp_infs, strict=True):
-            step = state[p]["step"] if steps else torch.tensor(0.0, dtype=_STEP_DTYPE.get(torch.get_default_dtype(),
-                                                                                              torch.float32))
+            step = state[p]["step"] if steps else torch.tensor(0.0, dtype=_step_dtype())
             state[p].update(step=step, exp_avg=avg, exp_inf=inf)
         self.views = [(state[p]["step"], state[p]["exp_avg"], state[p]["exp_inf"]) for p in params]
-        self.steps = [state[p]["step"] for p in params]
+        self.steps = [step for step, _, _ in self.views]
         self.one = torch.ones_like(self.steps[0])  # a tensor: the CPU loop of _foreach_add_ wraps a number each time
 
     def holds(self, params: list[Tensor], state: dict[Tensor, dict[str, Any]]) -> bool:

@@ -156,15 +156,13 @@ class Planar(FlowLayer):
 
     def forward_run(self, z: Tensor, p: PlanarParams) -> tuple[Tensor, Tensor]:
         if not uses_fused_kernels(z, p.u.dim() == 2):
-            if _members(z, p) and needs_grad(z, p) and fused_kernels_allowed():
+            members = _members(z, p)
+            if (members or _per_point(z, p)) and needs_grad(z, p) and fused_kernels_allowed():
                 module = self._compiled_kernels(z)
-                if module is not None:  # it reads (K, E, 1, d) as (K, E, d): the same memory
+                if module is not None:  # members: (K, E, 1, d) read as (K, E, d); per point: each in its lane
                     return native.NativeRun.apply("planar", module, self.act.native, z, *p)
-                return _PlanarMembersRun.apply(z, *(t.squeeze(2) for t in p), self.act)
-            if _per_point(z, p) and needs_grad(z, p) and fused_kernels_allowed():
-                module = self._compiled_kernels(z)
-                if module is not None:  # each point's parameters in its lane of the kernel's blocks
-                    return native.NativeRun.apply("planar", module, self.act.native, z, *p)
+                if members:
+                    return _PlanarMembersRun.apply(z, *(t.squeeze(2) for t in p), self.act)
             return super().forward_run(z, p)
         if not needs_grad(z, p):
             return _forward_eval(z, p, self.act)

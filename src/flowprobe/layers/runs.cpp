@@ -434,30 +434,37 @@ int64_t vector_bytes(int64_t bytes) {
   return vector_width;
 }
 
-// Per-point parameters (K,N,c) as blocks of lanes (B,K,c,LANES), and back (padding lanes: 0, dropped).
-template <typename T>
-void points_to_lanes(const T* from, int64_t k, int64_t n, int64_t c, T* to) {
-  const int64_t blocks = (n + LANES - 1) / LANES;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block)
-      for (int64_t l = 0; l < k; ++l)
-        for (int64_t j = 0; j < c; ++j) {
-          T* lane = to + ((block * k + l) * c + j) * LANES;
-          for (int64_t i = 0; i < LANES; ++i) {
-            const int64_t point = block * LANES + i;
-            lane[i] = point < n ? from[(l * n + point) * c + j] : T(0);
+// Per-point parameters p (K,N[,c]) as blocks of lanes (B,K,c,LANES) (padding lanes 0): what the per-point
+// block functions read.
+at::Tensor points_to_lanes(const at::Tensor& p) {
+  const int64_t k = p.size(0), n = p.size(1), c = p.dim() == 3 ? p.size(2) : 1, blocks = (n + LANES - 1) / LANES;
+  auto lanes = at::empty({blocks, k, c, LANES}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "points_to_lanes", [&] {
+    const scalar_t* from = p.data_ptr<scalar_t>();
+    scalar_t* to = lanes.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block)
+        for (int64_t l = 0; l < k; ++l)
+          for (int64_t j = 0; j < c; ++j) {
+            scalar_t* lane = to + ((block * k + l) * c + j) * LANES;
+            for (int64_t i = 0; i < LANES; ++i) {
+              const int64_t point = block * LANES + i;
+              lane[i] = point < n ? from[(l * n + point) * c + j] : scalar_t(0);
+            }
           }
-        }
+    });
   });
+  return lanes;
 }
 
+// Back from blocks of lanes, block b's (K,c,LANES) values at from + b * block_stride, to (K,N,c).
 template <typename T>
-void lanes_to_points(const T* from, int64_t k, int64_t n, int64_t c, T* to) {
+void lanes_to_points(const T* from, int64_t block_stride, int64_t k, int64_t n, int64_t c, T* to) {
   at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
     for (int64_t l = begin; l < end; ++l)
       for (int64_t point = 0; point < n; ++point)
         for (int64_t j = 0; j < c; ++j)
-          to[(l * n + point) * c + j] = from[(((point / LANES) * k + l) * c + j) * LANES + point % LANES];
+          to[(l * n + point) * c + j] = from[(point / LANES) * block_stride + (l * c + j) * LANES + point % LANES];
   });
 }
 
@@ -479,15 +486,7 @@ std::vector<at::Tensor> planar_forward(at::Tensor z, at::Tensor u, at::Tensor w,
   auto inputs = at::empty({e, blocks, k, d, LANES}, z.options());
   auto kept = at::empty({e, blocks, k, LANES}, z.options());
   if (points) {  // the parameters in the lanes of their points
-    auto lanes_u = at::empty({blocks, k, d, LANES}, z.options()), lanes_w = at::empty_like(lanes_u);
-    auto lanes_b = at::empty({blocks, k, 1, LANES}, z.options()), lanes_wu = at::empty_like(lanes_b);
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "planar_forward", [&] {
-      points_to_lanes(u.data_ptr<scalar_t>(), k, n, d, lanes_u.data_ptr<scalar_t>());
-      points_to_lanes(w.data_ptr<scalar_t>(), k, n, d, lanes_w.data_ptr<scalar_t>());
-      points_to_lanes(b.data_ptr<scalar_t>(), k, n, 1, lanes_b.data_ptr<scalar_t>());
-      points_to_lanes(wu.data_ptr<scalar_t>(), k, n, 1, lanes_wu.data_ptr<scalar_t>());
-    });
-    u = lanes_u; w = lanes_w; b = lanes_b; wu = lanes_wu;
+    u = points_to_lanes(u); w = points_to_lanes(w); b = points_to_lanes(b); wu = points_to_lanes(wu);
   }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "planar_forward", [&] {
     const PlanarArrays<scalar_t> r{e, n, d, k, blocks, u.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
@@ -525,17 +524,9 @@ std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logde
   const int64_t lanes_per_slot = points ? LANES : 1;
   auto grad_z = at::empty_like(grad_x);
   auto grad_u = at::empty_like(u), grad_w = at::empty_like(w), grad_b = at::empty_like(wu), grad_wu = at::empty_like(wu);
-  at::Tensor param_u = u, param_w = w, param_wu = wu;
-  if (points) {
-    param_u = at::empty({blocks, k, d, LANES}, u.options()); param_w = at::empty_like(param_u);
-    param_wu = at::empty({blocks, k, 1, LANES}, u.options());
-  }
+  const at::Tensor param_u = points ? points_to_lanes(u) : u, param_w = points ? points_to_lanes(w) : w;
+  const at::Tensor param_wu = points ? points_to_lanes(wu) : wu;
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "planar_backward", [&] {
-    if (points) {
-      points_to_lanes(u.data_ptr<scalar_t>(), k, n, d, param_u.data_ptr<scalar_t>());
-      points_to_lanes(w.data_ptr<scalar_t>(), k, n, d, param_w.data_ptr<scalar_t>());
-      points_to_lanes(wu.data_ptr<scalar_t>(), k, n, 1, param_wu.data_ptr<scalar_t>());
-    }
     const PlanarArrays<scalar_t> r{e, n, d, k, blocks, param_u.data_ptr<scalar_t>(), param_w.data_ptr<scalar_t>(),
                                    nullptr, param_wu.data_ptr<scalar_t>(), inputs.data_ptr<scalar_t>(),
                                    kept.data_ptr<scalar_t>()};
@@ -547,30 +538,24 @@ std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logde
     scalar_t* gz = grad_z.data_ptr<scalar_t>();
     for_blocks(e, blocks, [&](int64_t m, int64_t block) {
       scalar_t* slot = slots.data() + (m * blocks + block) * width * lanes_per_slot;
-      const int64_t span = lanes_per_slot;
       std::vector<scalar_t> g(d * LANES);
       scalar_t lam[LANES] = {};  // padding lanes: no gradient, so they add nothing
       const int64_t start = block * LANES, count = std::min(LANES, n - start);
       gather_block(gx + m * n * d, n, d, start, g.data());
       std::copy(gl + m * n + start, gl + m * n + start + count, lam);
-      run(r, static_cast<int>(act), m, block, g.data(), lam, slot, slot + k * d * span, slot + 2 * k * d * span,
-          slot + (2 * k * d + k) * span);
+      run(r, static_cast<int>(act), m, block, g.data(), lam, slot, slot + k * d * lanes_per_slot,
+          slot + 2 * k * d * lanes_per_slot, slot + (2 * k * d + k) * lanes_per_slot);
       scatter_block(g.data(), n, d, start, gz + m * n * d);
     });
     scalar_t *gu = grad_u.data_ptr<scalar_t>(), *gw = grad_w.data_ptr<scalar_t>(), *gb = grad_b.data_ptr<scalar_t>(),
              *ga = grad_wu.data_ptr<scalar_t>();
-    if (points) {  // slot of a block: u, w (K,d,LANES), b, wu (K,LANES); gathered per array into (B,K,c,LANES)
-      std::vector<scalar_t> gathered(blocks * k * d * LANES);
-      const auto back = [&](int64_t offset, int64_t c, scalar_t* to) {
-        for (int64_t block = 0; block < blocks; ++block)
-          std::copy_n(slots.data() + (block * width + offset) * LANES, k * c * LANES,
-                      gathered.data() + block * k * c * LANES);
-        lanes_to_points(gathered.data(), k, n, c, to);
-      };
-      back(0, d, gu);
-      back(k * d, d, gw);
-      back(2 * k * d, 1, gb);
-      back(2 * k * d + k, 1, ga);
+    if (points) {  // a block's slot: u, w (K,d,LANES), b, wu (K,LANES), each lane its point's
+      const scalar_t* slot = slots.data();
+      const int64_t stride = width * LANES;
+      lanes_to_points(slot, stride, k, n, d, gu);
+      lanes_to_points(slot + k * d * LANES, stride, k, n, d, gw);
+      lanes_to_points(slot + 2 * k * d * LANES, stride, k, n, 1, gb);
+      lanes_to_points(slot + (2 * k * d + k) * LANES, stride, k, n, 1, ga);
       return;
     }
     at::parallel_for(0, e, 1, [&](int64_t begin, int64_t end) {
