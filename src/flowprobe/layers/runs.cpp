@@ -22,6 +22,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -91,7 +92,8 @@ at::Tensor reduce(const std::vector<T>& partial, int64_t threads, int64_t size, 
 // Points go through a planar run in blocks of LANES: per coordinate, a Block of Q vectors of B bytes
 // (GCC/Clang vector types), so that every step of a layer is Q independent SIMD instructions. Blocks are
 // computed with 16-byte vectors (SSE2, NEON), or 32-byte ones with fused multiply-adds where the CPU has
-// AVX2 and FMA (chosen at run time). 64 lanes give every step of a layer several independent vectors.
+// AVX2 and FMA, or (planar runs) AVX-512's 64-byte ones (chosen at run time; the same bits as AVX2's). 64
+// lanes give every step of a layer several independent vectors.
 constexpr int64_t LANES = 64;
 #define FLOWPROBE_INLINE inline __attribute__((always_inline))
 #define FLOWPROBE_INLINE_LAMBDA __attribute__((always_inline))  // a lambda is compiled for the target of its caller only when inlined
@@ -190,11 +192,17 @@ struct Block {
     for (int64_t q = 0; q < Q; ++q) s[q] = v[q];
     for (int64_t half = Q / 2; half > 0; half /= 2)
       for (int64_t q = 0; q < half; ++q) s[q] += s[q + half];
-    T a[W];
-    store(s[0], a);
-    for (int64_t half = W / 2; half > 0; half /= 2)
-      for (int64_t i = 0; i < half; ++i) a[i] += a[i + half];
-    return a[0];
+    return fold<W / 2>(s[0], std::make_index_sequence<W>{})[0];
+  }
+  // Lane i + h onto lane i for h = H, H / 2, ..., 1 (in registers: a shuffle and an add each).
+  template <int64_t H, size_t... i>
+  static FLOWPROBE_INLINE V fold(V x, std::index_sequence<i...> lanes) {
+    if constexpr (H == 0) return x;
+#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+    else return fold<H / 2>(x + __builtin_shufflevector(x, x, static_cast<int>(i + H)...), lanes);
+#else
+    else { V y = x; for (int64_t j = 0; j < H; ++j) y[j] += x[j + H]; return fold<H / 2>(y, lanes); }
+#endif
   }
   template <typename F> FLOWPROBE_INLINE Block map(const F& f) const { Block r; for (int64_t q = 0; q < Q; ++q) r.v[q] = f(v[q]); return r; }
 };
@@ -368,8 +376,8 @@ FLOWPROBE_INLINE void planar_block_backward(const PlanarArrays<T>& r, int act, i
   }
 }
 
-// The block functions compiled for 16-byte vectors and, on x86-64, for AVX2's 32-byte ones (with FMA); P:
-// per-point parameters.
+// The block functions compiled for 16-byte vectors and, on x86-64, for AVX2's 32-byte ones (with FMA) and
+// AVX-512's 64-byte ones; P: per-point parameters.
 template <typename T, bool P>
 struct PlanarBlocks {
   static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out, T* logdet) {
@@ -382,23 +390,48 @@ struct PlanarBlocks {
 };
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FLOWPROBE_AVX2 __attribute__((target("avx2,fma")))
+#define FLOWPROBE_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
 template <typename T, bool P>
 struct PlanarBlocksAVX2 {
-  __attribute__((target("avx2,fma"))) static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block,
-                                                       T* out, T* logdet) {
+  FLOWPROBE_AVX2 static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out, T* logdet) {
     planar_block_forward<T, 32, P>(r, act, m, block, out, logdet);
   }
-  __attribute__((target("avx2,fma"))) static void backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block,
-                                                        T* g, const T* lam, T* gu, T* gw, T* gb, T* ga) {
+  FLOWPROBE_AVX2 static void backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* g, const T* lam,
+                                      T* gu, T* gw, T* gb, T* ga) {
     planar_block_backward<T, 32, P>(r, act, m, block, g, lam, gu, gw, gb, ga);
   }
 };
-int vector_width = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 32 : 16;  // bytes; vector_bytes() may lower it
-int widest = vector_width;
+template <typename T, bool P>
+struct PlanarBlocksAVX512 {
+  FLOWPROBE_AVX512 static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out, T* logdet) {
+    planar_block_forward<T, 64, P>(r, act, m, block, out, logdet);
+  }
+  FLOWPROBE_AVX512 static void backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* g,
+                                        const T* lam, T* gu, T* gw, T* gb, T* ga) {
+    planar_block_backward<T, 64, P>(r, act, m, block, g, lam, gu, gw, gb, ga);
+  }
+};
+int widest = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+                 ? 64 : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 32 : 16;
 #else
 template <typename T, bool P> using PlanarBlocksAVX2 = PlanarBlocks<T, P>;
-int vector_width = 16, widest = 16;
+template <typename T, bool P> using PlanarBlocksAVX512 = PlanarBlocks<T, P>;
+int widest = 16;
 #endif
+int vector_width = widest;  // bytes; vector_bytes() may lower it
+
+// The planar block functions of a vector width (bytes).
+template <typename T, bool P>
+struct PlanarKernels {
+  decltype(&PlanarBlocks<T, P>::forward) forward;
+  decltype(&PlanarBlocks<T, P>::backward) backward;
+  static PlanarKernels of(int width) {
+    if (width == 64) return {PlanarBlocksAVX512<T, P>::forward, PlanarBlocksAVX512<T, P>::backward};
+    if (width == 32) return {PlanarBlocksAVX2<T, P>::forward, PlanarBlocksAVX2<T, P>::backward};
+    return {PlanarBlocks<T, P>::forward, PlanarBlocks<T, P>::backward};
+  }
+};
 
 // Runs visit(member, block) over every block of every member, in parallel.
 template <typename F>
@@ -426,11 +459,11 @@ void scatter_block(const T* block, int64_t n, int64_t d, int64_t start, T* rows)
 
 }  // namespace
 
-// The vector width of the planar and Sylvester kernels in bytes: 32 (AVX2 and FMA) where the CPU has them,
-// else 16. `bytes` = 16 or 32 sets it (at most what the CPU has; the tests run both); 0 leaves it. Returns
-// the width in use.
+// The vector width of the planar and Sylvester kernels in bytes: 64 (AVX-512 F, DQ and VL) or 32 (AVX2 and
+// FMA) where the CPU has them, else 16; the Sylvester kernels use AVX2 at 64. `bytes` = 16, 32 or 64 sets it
+// (at most what the CPU has; the tests run each); 0 leaves it. Returns the width in use.
 int64_t vector_bytes(int64_t bytes) {
-  if (bytes == 16 || bytes == 32) vector_width = std::min<int>(static_cast<int>(bytes), widest);
+  if (bytes == 16 || bytes == 32 || bytes == 64) vector_width = std::min<int>(static_cast<int>(bytes), widest);
   return vector_width;
 }
 
@@ -492,9 +525,8 @@ std::vector<at::Tensor> planar_forward(at::Tensor z, at::Tensor u, at::Tensor w,
     const PlanarArrays<scalar_t> r{e, n, d, k, blocks, u.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                    b.data_ptr<scalar_t>(), wu.data_ptr<scalar_t>(), inputs.data_ptr<scalar_t>(),
                                    kept.data_ptr<scalar_t>()};
-    const bool avx2 = vector_width == 32;
-    const auto run = points ? (avx2 ? PlanarBlocksAVX2<scalar_t, true>::forward : PlanarBlocks<scalar_t, true>::forward)
-                            : (avx2 ? PlanarBlocksAVX2<scalar_t, false>::forward : PlanarBlocks<scalar_t, false>::forward);
+    const auto run = points ? PlanarKernels<scalar_t, true>::of(vector_width).forward
+                            : PlanarKernels<scalar_t, false>::of(vector_width).forward;
     const scalar_t* zp = z.data_ptr<scalar_t>();
     scalar_t *xp = x.data_ptr<scalar_t>(), *lp = logdet.data_ptr<scalar_t>();
     for_blocks(e, blocks, [&](int64_t m, int64_t block) {
@@ -530,9 +562,8 @@ std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logde
     const PlanarArrays<scalar_t> r{e, n, d, k, blocks, param_u.data_ptr<scalar_t>(), param_w.data_ptr<scalar_t>(),
                                    nullptr, param_wu.data_ptr<scalar_t>(), inputs.data_ptr<scalar_t>(),
                                    kept.data_ptr<scalar_t>()};
-    const bool avx2 = vector_width == 32;
-    const auto run = points ? (avx2 ? PlanarBlocksAVX2<scalar_t, true>::backward : PlanarBlocks<scalar_t, true>::backward)
-                            : (avx2 ? PlanarBlocksAVX2<scalar_t, false>::backward : PlanarBlocks<scalar_t, false>::backward);
+    const auto run = points ? PlanarKernels<scalar_t, true>::of(vector_width).backward
+                            : PlanarKernels<scalar_t, false>::of(vector_width).backward;
     std::vector<scalar_t> slots(e * blocks * width * lanes_per_slot, 0);
     const scalar_t *gx = grad_x.data_ptr<scalar_t>(), *gl = grad_logdet.data_ptr<scalar_t>();
     scalar_t* gz = grad_z.data_ptr<scalar_t>();
@@ -701,13 +732,12 @@ struct SylvesterBlocks {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 template <typename T>
 struct SylvesterBlocksAVX2 {
-  __attribute__((target("avx2,fma"))) static void newton(int64_t m, const T* r, const T* rt, const T* alpha,
-                                                           const int64_t* budgets, T* c, T* gamma, T* h, T* v,
-                                                           T* slope, T* logdet, T* fails) {
+  FLOWPROBE_AVX2 static void newton(int64_t m, const T* r, const T* rt, const T* alpha, const int64_t* budgets, T* c,
+                                    T* gamma, T* h, T* v, T* slope, T* logdet, T* fails) {
     sylvester_block_newton<T, 32>(m, r, rt, alpha, budgets, c, gamma, h, v, slope, logdet, fails);
   }
-  __attribute__((target("avx2,fma"))) static void linear(int64_t m, const T* r, const T* rt, const T* slopes, T* c,
-                                                           T* gamma, T* scaled, T* y) {
+  FLOWPROBE_AVX2 static void linear(int64_t m, const T* r, const T* rt, const T* slopes, T* c, T* gamma, T* scaled,
+                                    T* y) {
     sylvester_block_linear<T, 32>(m, r, rt, slopes, c, gamma, scaled, y);
   }
 };
@@ -730,7 +760,7 @@ std::tuple<at::Tensor, bool> sylvester_newton(at::Tensor c, at::Tensor r, at::Te
   auto v = at::empty_like(c);
   int64_t failures = 0;
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "sylvester_newton", [&] {
-    const auto run = vector_width == 32 ? SylvesterBlocksAVX2<scalar_t>::newton : SylvesterBlocks<scalar_t>::newton;
+    const auto run = vector_width >= 32 ? SylvesterBlocksAVX2<scalar_t>::newton : SylvesterBlocks<scalar_t>::newton;
     const scalar_t *rp = r.data_ptr<scalar_t>(), *rtp = r_tilde.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>(),
                    *bp = b.data_ptr<scalar_t>(), *ap = alpha.data_ptr<scalar_t>();
     const int64_t* steps = budgets.data_ptr<int64_t>();
@@ -766,7 +796,7 @@ at::Tensor sylvester_linear(at::Tensor w, at::Tensor r, at::Tensor r_tilde, at::
   const int64_t m = w.size(0), n = w.size(1), blocks = (n + LANES - 1) / LANES;
   auto y = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "sylvester_linear", [&] {
-    const auto run = vector_width == 32 ? SylvesterBlocksAVX2<scalar_t>::linear : SylvesterBlocks<scalar_t>::linear;
+    const auto run = vector_width >= 32 ? SylvesterBlocksAVX2<scalar_t>::linear : SylvesterBlocks<scalar_t>::linear;
     const scalar_t *rp = r.data_ptr<scalar_t>(), *rtp = r_tilde.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>(),
                    *sp = slopes.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
