@@ -92,8 +92,9 @@ at::Tensor reduce(const std::vector<T>& partial, int64_t threads, int64_t size, 
 // Points go through a planar run in blocks of LANES: per coordinate, a Block of Q vectors of B bytes
 // (GCC/Clang vector types), so that every step of a layer is Q independent SIMD instructions. Blocks are
 // computed with 16-byte vectors (SSE2, NEON), or 32-byte ones with fused multiply-adds where the CPU has
-// AVX2 and FMA, or (planar runs) AVX-512's 64-byte ones (chosen at run time; the same bits as AVX2's). 64
-// lanes give every step of a layer several independent vectors.
+// AVX2 and FMA (chosen at run time). 64 lanes give every step of a layer several independent vectors.
+// (AVX-512's 64-byte vectors made the kernels faster alone but a solo U1 training step 16 % slower on the
+// development machine, a Xeon VM.)
 constexpr int64_t LANES = 64;
 #define FLOWPROBE_INLINE inline __attribute__((always_inline))
 #define FLOWPROBE_INLINE_LAMBDA __attribute__((always_inline))  // a lambda is compiled for the target of its caller only when inlined
@@ -376,8 +377,8 @@ FLOWPROBE_INLINE void planar_block_backward(const PlanarArrays<T>& r, int act, i
   }
 }
 
-// The block functions compiled for 16-byte vectors and, on x86-64, for AVX2's 32-byte ones (with FMA) and
-// AVX-512's 64-byte ones; P: per-point parameters.
+// The block functions compiled for 16-byte vectors and, on x86-64, for AVX2's 32-byte ones (with FMA); P:
+// per-point parameters.
 template <typename T, bool P>
 struct PlanarBlocks {
   static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out, T* logdet) {
@@ -391,7 +392,6 @@ struct PlanarBlocks {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FLOWPROBE_AVX2 __attribute__((target("avx2,fma")))
-#define FLOWPROBE_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
 template <typename T, bool P>
 struct PlanarBlocksAVX2 {
   FLOWPROBE_AVX2 static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out, T* logdet) {
@@ -402,21 +402,9 @@ struct PlanarBlocksAVX2 {
     planar_block_backward<T, 32, P>(r, act, m, block, g, lam, gu, gw, gb, ga);
   }
 };
-template <typename T, bool P>
-struct PlanarBlocksAVX512 {
-  FLOWPROBE_AVX512 static void forward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* out, T* logdet) {
-    planar_block_forward<T, 64, P>(r, act, m, block, out, logdet);
-  }
-  FLOWPROBE_AVX512 static void backward(const PlanarArrays<T>& r, int act, int64_t m, int64_t block, T* g,
-                                        const T* lam, T* gu, T* gw, T* gb, T* ga) {
-    planar_block_backward<T, 64, P>(r, act, m, block, g, lam, gu, gw, gb, ga);
-  }
-};
-int widest = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
-                 ? 64 : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 32 : 16;
+int widest = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 32 : 16;
 #else
 template <typename T, bool P> using PlanarBlocksAVX2 = PlanarBlocks<T, P>;
-template <typename T, bool P> using PlanarBlocksAVX512 = PlanarBlocks<T, P>;
 int widest = 16;
 #endif
 int vector_width = widest;  // bytes; vector_bytes() may lower it
@@ -427,7 +415,6 @@ struct PlanarKernels {
   decltype(&PlanarBlocks<T, P>::forward) forward;
   decltype(&PlanarBlocks<T, P>::backward) backward;
   static PlanarKernels of(int width) {
-    if (width == 64) return {PlanarBlocksAVX512<T, P>::forward, PlanarBlocksAVX512<T, P>::backward};
     if (width == 32) return {PlanarBlocksAVX2<T, P>::forward, PlanarBlocksAVX2<T, P>::backward};
     return {PlanarBlocks<T, P>::forward, PlanarBlocks<T, P>::backward};
   }
@@ -459,11 +446,11 @@ void scatter_block(const T* block, int64_t n, int64_t d, int64_t start, T* rows)
 
 }  // namespace
 
-// The vector width of the planar and Sylvester kernels in bytes: 64 (AVX-512 F, DQ and VL) or 32 (AVX2 and
-// FMA) where the CPU has them, else 16; the Sylvester kernels use AVX2 at 64. `bytes` = 16, 32 or 64 sets it
-// (at most what the CPU has; the tests run each); 0 leaves it. Returns the width in use.
+// The vector width of the planar and Sylvester kernels in bytes: 32 (AVX2 and FMA) where the CPU has them,
+// else 16. `bytes` = 16 or 32 sets it (at most what the CPU has; the tests run both); 0 leaves it. Returns
+// the width in use.
 int64_t vector_bytes(int64_t bytes) {
-  if (bytes == 16 || bytes == 32 || bytes == 64) vector_width = std::min<int>(static_cast<int>(bytes), widest);
+  if (bytes == 16 || bytes == 32) vector_width = std::min<int>(static_cast<int>(bytes), widest);
   return vector_width;
 }
 
@@ -760,7 +747,7 @@ std::tuple<at::Tensor, bool> sylvester_newton(at::Tensor c, at::Tensor r, at::Te
   auto v = at::empty_like(c);
   int64_t failures = 0;
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "sylvester_newton", [&] {
-    const auto run = vector_width >= 32 ? SylvesterBlocksAVX2<scalar_t>::newton : SylvesterBlocks<scalar_t>::newton;
+    const auto run = vector_width == 32 ? SylvesterBlocksAVX2<scalar_t>::newton : SylvesterBlocks<scalar_t>::newton;
     const scalar_t *rp = r.data_ptr<scalar_t>(), *rtp = r_tilde.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>(),
                    *bp = b.data_ptr<scalar_t>(), *ap = alpha.data_ptr<scalar_t>();
     const int64_t* steps = budgets.data_ptr<int64_t>();
@@ -796,7 +783,7 @@ at::Tensor sylvester_linear(at::Tensor w, at::Tensor r, at::Tensor r_tilde, at::
   const int64_t m = w.size(0), n = w.size(1), blocks = (n + LANES - 1) / LANES;
   auto y = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "sylvester_linear", [&] {
-    const auto run = vector_width >= 32 ? SylvesterBlocksAVX2<scalar_t>::linear : SylvesterBlocks<scalar_t>::linear;
+    const auto run = vector_width == 32 ? SylvesterBlocksAVX2<scalar_t>::linear : SylvesterBlocks<scalar_t>::linear;
     const scalar_t *rp = r.data_ptr<scalar_t>(), *rtp = r_tilde.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>(),
                    *sp = slopes.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
