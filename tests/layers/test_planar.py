@@ -56,7 +56,7 @@ def test_set_constrained_gives_exact_formula_parameters():
     u, w = torch.tensor([0.3, -2.0], dtype=torch.float64), torch.tensor([1.5, 0.5], dtype=torch.float64)
     planar.set_constrained(u, w, -0.7)
     p = planar.constrained()
-    assert (p.u[0] - u).abs().max() < 1e-14 and (p.w[0] - w).abs().max() == 0 and float(p.b[0]) == -0.7
+    assert (p.u[0] - u).abs().max() < 1e-14 and (p.w[0] - w).abs().max() == 0 and float(p.b[0].detach()) == -0.7
     with pytest.raises(ValueError, match="planar layer needs wᵀu >"):
         planar.set_constrained(torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 0.0]), 0.0)
 
