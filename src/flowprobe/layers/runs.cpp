@@ -96,6 +96,14 @@ at::Tensor reduce(const std::vector<T>& partial, int64_t threads, int64_t size, 
 // (AVX-512's 64-byte vectors made the kernels faster alone but a solo U1 training step 16 % slower on the
 // development machine, a Xeon VM.)
 constexpr int64_t LANES = 64;
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define FLOWPROBE_SHUFFLE 1
+#endif
+#endif
+#ifndef FLOWPROBE_SHUFFLE
+#define FLOWPROBE_SHUFFLE 0
+#endif
 #define FLOWPROBE_INLINE inline __attribute__((always_inline))
 #define FLOWPROBE_INLINE_LAMBDA __attribute__((always_inline))  // a lambda is compiled for the target of its caller only when inlined
 
@@ -195,14 +203,15 @@ struct Block {
       for (int64_t q = 0; q < half; ++q) s[q] += s[q + half];
     return fold<W / 2>(s[0], std::make_index_sequence<W>{})[0];
   }
-  // Lane i + h onto lane i for h = H, H / 2, ..., 1 (in registers: a shuffle and an add each).
+  // Lane i + h onto lane i for h = H, H / 2, ..., 1 (in registers: a shuffle and an add each, where the
+  // compiler has __builtin_shufflevector: GCC 12, Clang).
   template <int64_t H, size_t... i>
-  static FLOWPROBE_INLINE V fold(V x, std::index_sequence<i...> lanes) {
+  static FLOWPROBE_INLINE V fold(V x, std::index_sequence<i...> order) {
     if constexpr (H == 0) return x;
-#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
-    else return fold<H / 2>(x + __builtin_shufflevector(x, x, static_cast<int>(i + H)...), lanes);
+#if FLOWPROBE_SHUFFLE
+    else return fold<H / 2>(x + __builtin_shufflevector(x, x, static_cast<int>(i + H)...), order);
 #else
-    else { V y = x; for (int64_t j = 0; j < H; ++j) y[j] += x[j + H]; return fold<H / 2>(y, lanes); }
+    else { V y = x; for (int64_t j = 0; j < H; ++j) y[j] += x[j + H]; return fold<H / 2>(y, order); }
 #endif
   }
   template <typename F> FLOWPROBE_INLINE Block map(const F& f) const { Block r; for (int64_t q = 0; q < Q; ++q) r.v[q] = f(v[q]); return r; }
