@@ -123,9 +123,9 @@ template <typename V> FLOWPROBE_INLINE void store(const V& v, void* to) { std::m
 // float32 exp, log, log1p and tanh without branches (Cephes' polynomials, a few ulp) on vectors V of
 // floats (I: int32 of the same width); float64 uses the C library's functions value by value.
 template <typename V, typename I>
-FLOWPROBE_INLINE V exp_vec(V x) {
-  x = x < -87.3f ? V{} - 87.3f : x;
-  x = x > 88.3f ? V{} + 88.3f : x;
+FLOWPROBE_INLINE V exp_vec(V x) {  // NaN gives exp(-87.3): converting NaN to an integer is undefined behaviour
+  x = x > -87.3f ? x : V{} - 87.3f;
+  x = x < 88.3f ? x : V{} + 88.3f;
   const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
   x = x - n * 0.693359375f + n * 2.12194440e-4f;
   V y = x * 1.9875691500e-4f + 1.3981999507e-3f;
