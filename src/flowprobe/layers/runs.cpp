@@ -1005,16 +1005,32 @@ void check_members(const at::Tensor& out, const std::vector<at::Generator>& gene
               name, ": out must be contiguous with one row per generator");
 }
 
+// Runs draw(m) for every member: in parallel where every member has a generator of its own (each guarded by
+// its own lock, so the order of the members does not matter), in member order where one is shared.
+template <typename F>
+void for_members(const std::vector<at::Generator>& generators, const F& draw) {
+  const int64_t count = static_cast<int64_t>(generators.size());
+  bool distinct = true;
+  for (int64_t i = 0; i < count && distinct; ++i)
+    for (int64_t j = 0; j < i && distinct; ++j) distinct = !(generators[i] == generators[j]);
+  if (!distinct) {
+    for (int64_t m = 0; m < count; ++m) draw(m);
+    return;
+  }
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) draw(m);
+  });
+}
+
 void normal_members(at::Tensor out, const std::vector<at::Generator>& generators) {
   check_members(out, generators, "normal_members");
-  for (size_t m = 0; m < generators.size(); ++m) out.select(0, static_cast<int64_t>(m)).normal_(0, 1, generators[m]);
+  for_members(generators, [&](int64_t m) { out.select(0, m).normal_(0, 1, generators[m]); });
 }
 
 void randint_members(at::Tensor out, int64_t high, const std::vector<at::Generator>& generators) {
   check_members(out, generators, "randint_members");
   TORCH_CHECK(out.scalar_type() == at::kLong && high > 0, "randint_members: int64 out and high > 0");
-  for (size_t m = 0; m < generators.size(); ++m)
-    out.select(0, static_cast<int64_t>(m)).random_(0, high, generators[m]);
+  for_members(generators, [&](int64_t m) { out.select(0, m).random_(0, high, generators[m]); });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
