@@ -17,6 +17,7 @@ from torch import Tensor
 
 __all__ = ["FlatAdamax"]
 
+
 def _step_dtype() -> torch.dtype:
     """Adamax's step counters: float64 under a float64 default dtype, else float32."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

@@ -560,11 +560,15 @@ std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logde
                                    kept.data_ptr<scalar_t>()};
     const auto run = points ? PlanarKernels<scalar_t, true>::of(vector_width).backward
                             : PlanarKernels<scalar_t, false>::of(vector_width).backward;
-    std::vector<scalar_t> slots(e * blocks * width * lanes_per_slot, 0);
+    // Shared parameters: each block adds into its slot (zeros); per point: every lane of every slot is written.
+    const int64_t slot_size = e * blocks * width * lanes_per_slot;
+    const at::Tensor slot_tensor =
+        points ? at::empty({slot_size}, grad_x.options()) : at::zeros({slot_size}, grad_x.options());
+    scalar_t* slots = slot_tensor.data_ptr<scalar_t>();
     const scalar_t *gx = grad_x.data_ptr<scalar_t>(), *gl = grad_logdet.data_ptr<scalar_t>();
     scalar_t* gz = grad_z.data_ptr<scalar_t>();
     for_blocks(e, blocks, [&](int64_t m, int64_t block) {
-      scalar_t* slot = slots.data() + (m * blocks + block) * width * lanes_per_slot;
+      scalar_t* slot = slots + (m * blocks + block) * width * lanes_per_slot;
       std::vector<scalar_t> g(d * LANES);
       scalar_t lam[LANES] = {};  // padding lanes: no gradient, so they add nothing
       const int64_t start = block * LANES, count = std::min(LANES, n - start);
@@ -577,7 +581,7 @@ std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logde
     scalar_t *gu = grad_u.data_ptr<scalar_t>(), *gw = grad_w.data_ptr<scalar_t>(), *gb = grad_b.data_ptr<scalar_t>(),
              *ga = grad_wu.data_ptr<scalar_t>();
     if (points) {  // a block's slot: u, w (K,d,LANES), b, wu (K,LANES), each lane its point's
-      const scalar_t* slot = slots.data();
+      const scalar_t* slot = slots;
       const int64_t stride = width * LANES;
       lanes_to_points(slot, stride, k, n, d, gu);
       lanes_to_points(slot + k * d * LANES, stride, k, n, d, gw);
@@ -588,7 +592,7 @@ std::vector<at::Tensor> planar_backward(at::Tensor grad_x, at::Tensor grad_logde
     at::parallel_for(0, e, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> total(width);
       for (int64_t m = begin; m < end; ++m) {
-        const scalar_t* slot = slots.data() + m * blocks * width;
+        const scalar_t* slot = slots + m * blocks * width;
         std::fill(total.begin(), total.end(), scalar_t(0));  // safe for N = 0; 0 + x = x otherwise
         for (int64_t block = 0; block < blocks; ++block)
           for (int64_t i = 0; i < width; ++i) total[i] += slot[block * width + i];
