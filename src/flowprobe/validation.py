@@ -118,14 +118,6 @@ def check_like(x: Tensor, module: torch.nn.Module, name: str = "input") -> Tenso
         raise ValueError(f"{name} is on {x.device} but the parameters are on {param.device}; move the points "
                          f"(x.to('{param.device}')) or the model (.to('{x.device}'))")
     return x
-    param = next(module.parameters(), None)
-    if param is not None and x.dtype != param.dtype:
-        kind = str(param.dtype).removeprefix("torch.")
-        raise ValueError(
-            f"{name} has dtype {str(x.dtype).removeprefix('torch.')} but the parameters are {kind}; "
-            f"convert the points (x.to(torch.{kind})) or the model (.to(torch.{str(x.dtype).removeprefix('torch.')}))"
-        )
-    return x
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:
