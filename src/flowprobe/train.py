@@ -193,11 +193,6 @@ def split_data(x: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tenso
     return x[train.to(x.device)], (None if val is None else x[val.to(x.device)])
 
 
-def _mean_nll(flow: Flow, x: Tensor) -> float:
-    with torch.no_grad():
-        return -float(flow.log_prob(x).mean()) / flow.dim
-
-
 # -- the loop -------------------------------------------------------------------------------------
 
 
