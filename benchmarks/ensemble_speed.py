@@ -13,9 +13,12 @@ Workloads (``--workload``):
 * ``planar``: a configuration of the bounded-planar sweep, ``normal → shift:8`` in d = 8 (κ = 1), planar-tanh
   with ‖û‖ ≤ 1 at its proven lower-bound depth (8), trained the same way.
 
-Timed side by side in one run, after a warm-up of each; the ensemble and the flowprobe sequential runs
-alternate ``--reps`` times (the ensemble's timed window is short, so one repetition is at the mercy of a
-shared machine's noise), and the ratio is the median over repetitions of the paired ratios:
+Timed side by side in one run, after a warm-up of each. A repetition interleaves the two: the E sequential
+runs go in ``--interleave`` chunks (default 4), each followed by one ensemble run, so that the ensemble's
+timed window (a few seconds) is spread over the repetition as the sequential runs' is, and a burst of a
+shared machine's load falls on both alike (with ``--interleave 1``: one ensemble run after the E sequential
+runs, the protocol of the README's earlier rows). The ratio is the median over ``--reps`` repetitions of
+each repetition's ratio, ``interleave × (its sequential seconds) / (its ensembles' seconds)``:
 
 * **ensemble**: one ``fit`` of an ensemble flow with ``seeds=[0..E-1]`` (every member initialised as its
   solo run, ``seeded_ensemble``; the depth workloads call ``depth_experiments.train_members``);
@@ -162,14 +165,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="Adam steps per flow (default 500 for u1, the "
                         "sweeps' 1000 for the depth workloads)")
     parser.add_argument("--reps", type=int, default=5, help="repetitions of ensemble vs sequential (default 5)")
+    parser.add_argument("--interleave", type=int, default=4, help="ensemble runs per repetition, one after each "
+                        "chunk of the sequential runs (default 4)")
     parser.add_argument("--quick", action="store_true", help="4 members, 30 steps, 2 repetitions (a smoke test)")
     parser.add_argument("--profile", action="store_true", help="print where the time of a step goes")
     parser.add_argument("--json", help="write the numbers to this file")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else 500 if args.workload == "u1" else dx.Training().steps
     members, steps, reps = (4, 30, 2) if args.quick else (args.members, steps, args.reps)
-    if min(members, steps, reps) < 1:
-        parser.error("--members, --steps and --reps must be positive")
+    interleave = min(args.interleave, members)
+    if min(members, steps, reps, interleave) < 1:
+        parser.error("--members, --steps, --reps and --interleave must be positive")
     torch.set_num_threads(THREADS)
     work = WORKLOADS[args.workload]()
     seeds = list(range(members))
@@ -178,15 +184,22 @@ def main(argv: list[str] | None = None) -> dict:
     if work.normflows is not None:
         work.normflows(0, 5)
     runs: dict[str, list[float]] = {"ensemble": [], "flowprobe sequential": []}
+    chunks = [seeds[i * members // interleave : (i + 1) * members // interleave] for i in range(interleave)]
+    paired = []
     for _ in range(reps):
-        seconds, ensemble = timed(lambda: work.ensemble(seeds, steps))
-        runs["ensemble"].append(seconds)
-        seconds, solos = timed(lambda: [work.solo(s, steps) for s in seeds])
-        runs["flowprobe sequential"].append(seconds)
+        sequential, together, solos = 0.0, 0.0, []
+        for chunk in chunks:
+            start = time.perf_counter()
+            solos += [work.solo(s, steps) for s in chunk]
+            sequential += time.perf_counter() - start
+            seconds, ensemble = timed(lambda: work.ensemble(seeds, steps))
+            together += seconds
+            runs["ensemble"].append(seconds)
+        runs["flowprobe sequential"].append(sequential)
+        paired.append(interleave * sequential / together)
     if work.normflows is not None:
         runs["normflows sequential"] = [timed(lambda: [work.normflows(s, steps) for s in seeds])[0]]
     seconds = {name: statistics.median(values) for name, values in runs.items()}
-    paired = [b / a for a, b in zip(runs["ensemble"], runs["flowprobe sequential"], strict=True)]
     difference = max(
         float((a - b).detach().abs().max())
         for i, solo in enumerate(solos)
@@ -199,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": THREADS,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "repetitions": reps,
+        "ensemble_runs_per_repetition": interleave,
         "seconds": seconds,
         "seconds_per_repetition": runs,
         "flows_per_s": rates,
@@ -208,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "normflows sequential" in rates else "not measured (u1 only; normflows installed)",
         "max_member_vs_solo_difference": difference,
     }
-    print(f"{result['work']}; {THREADS} thread(s); median of {reps} repetitions"
+    print(f"{result['work']}; {THREADS} thread(s); median of {reps} repetitions of {interleave} ensemble run(s) "
+          f"interleaved with the {members} sequential ones"
           + (" (normflows: one)" if "normflows sequential" in runs else ""))
     print(f"| {'':<22} | {'wall s':>8} | {'flows/s':>8} | {'ensemble ×':>10} |")
     for name, s in seconds.items():
