@@ -18,7 +18,7 @@ runs go in ``--interleave`` chunks (default 4), each followed by one ensemble ru
 timed window (a few seconds) is spread over the repetition as the sequential runs' is, and a burst of a
 shared machine's load falls on both alike (with ``--interleave 1``: one ensemble run after the E sequential
 runs, the protocol of the README's earlier rows). The ratio is the median over ``--reps`` repetitions of
-each repetition's ratio, ``interleave × (its sequential seconds) / (its ensembles' seconds)``:
+each repetition's ratio, (its sequential runs' seconds) / (the mean seconds of its ensemble runs):
 
 * **ensemble**: one ``fit`` of an ensemble flow with ``seeds=[0..E-1]`` (every member initialised as its
   solo run, ``seeded_ensemble``; the depth workloads call ``depth_experiments.train_members``);
@@ -183,23 +183,24 @@ def main(argv: list[str] | None = None) -> dict:
     work.ensemble(seeds[:2], 5), work.solo(0, 5)  # warm-up: first-call costs out of the timings
     if work.normflows is not None:
         work.normflows(0, 5)
+    # per repetition: the mean of its ensemble runs, the sum of its sequential runs
     runs: dict[str, list[float]] = {"ensemble": [], "flowprobe sequential": []}
     chunks = [seeds[i * members // interleave : (i + 1) * members // interleave] for i in range(interleave)]
-    paired = []
+    ensemble_runs = []
     for _ in range(reps):
-        sequential, together, solos = 0.0, 0.0, []
+        sequential, solos = 0.0, []
         for chunk in chunks:
             start = time.perf_counter()
             solos += [work.solo(s, steps) for s in chunk]
             sequential += time.perf_counter() - start
             seconds, ensemble = timed(lambda: work.ensemble(seeds, steps))
-            together += seconds
-            runs["ensemble"].append(seconds)
+            ensemble_runs.append(seconds)
+        runs["ensemble"].append(sum(ensemble_runs[-interleave:]) / interleave)
         runs["flowprobe sequential"].append(sequential)
-        paired.append(interleave * sequential / together)
     if work.normflows is not None:
         runs["normflows sequential"] = [timed(lambda: [work.normflows(s, steps) for s in seeds])[0]]
     seconds = {name: statistics.median(values) for name, values in runs.items()}
+    paired = [b / a for a, b in zip(runs["ensemble"], runs["flowprobe sequential"], strict=True)]
     difference = max(
         float((a - b).detach().abs().max())
         for i, solo in enumerate(solos)
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ensemble_runs_per_repetition": interleave,
         "seconds": seconds,
         "seconds_per_repetition": runs,
+        "ensemble_seconds_per_run": ensemble_runs,
         "flows_per_s": rates,
         "speedup_vs_flowprobe_sequential": statistics.median(paired),
         "speedup_vs_flowprobe_sequential_range": [min(paired), max(paired)],
