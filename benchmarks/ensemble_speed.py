@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -50,6 +49,7 @@ import torch
 
 import flowprobe as fp
 from flowprobe.distributions import rezende_energy
+from flowprobe.io import write_json
 from flowprobe.spec import build_layers
 from flowprobe.theory import depth_experiments as dx
 from flowprobe.theory.depth_experiments import seeded_ensemble
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, table in profile(work, seeds).items():
             print(f"\n{name}: 20 steps\n{table}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 

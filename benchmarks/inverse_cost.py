@@ -13,15 +13,14 @@ Run: ``PYTHONPATH=src python benchmarks/inverse_cost.py [--family F] [--batch 40
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 import flowprobe as fp
+from flowprobe.io import write_json
 from flowprobe.layers import fused_kernels
 
 
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "path": path, "repetitions": args.reps, "seconds_no_grad": t, "seconds_with_grad": tg,
             "torch": torch.__version__}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out)
     return out
 
 

@@ -34,6 +34,7 @@ def test_ensemble_speed_times_a_depth_configuration(tmp_path):
     stdout = run("benchmarks/ensemble_speed.py", "--workload", "householder", "--quick", "--json", str(target))
     result = json.loads(target.read_text())
     assert result["workload"] == "householder" and result["speedup_vs_flowprobe_sequential"] > 0
+    assert result["max_member_vs_solo_difference"] < 1e-10  # float64, 30 steps
     runs = result["seconds_per_repetition"]  # 4 ensemble runs interleaved with each repetition's 4 solo runs
     each = result["ensemble_seconds_per_run"]
     assert result["ensemble_runs_per_repetition"] == 4 and len(each) == 4 * len(runs["ensemble"])
